@@ -1,0 +1,100 @@
+"""The KV message: what a sender shares with a receiver, and how the receiver turns it into a cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcomm import _hf
+from kvcomm.errors import LayerSelectionError, PromptError
+from kvcomm.models import Fingerprint, LoadedModel, check_compatible
+
+
+@dataclass
+class KVMessage:
+    """Post-RoPE keys and values of the sender's selected layers.
+
+    ``keys[l]`` / ``values[l]``: ``[1, kv_heads, context_length, head_dim]`` for every selected layer ``l``, with RoPE
+    positions ``0 .. context_length-1``. ``sink_keys[l]`` / ``sink_values[l]``: ``[1, kv_heads, sink_tokens, head_dim]``
+    for every non-selected layer (empty dicts when ``sink_tokens == 0``).
+    """
+
+    layers: tuple[int, ...]
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    sink_keys: dict[int, torch.Tensor]
+    sink_values: dict[int, torch.Tensor]
+    context_length: int
+    sink_tokens: int
+    fingerprint: Fingerprint
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor in the message at its dtype."""
+        tensors = [*self.keys.values(), *self.values.values(), *self.sink_keys.values(), *self.sink_values.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def validate_layers(layers: list[int] | tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """Sorted unique layer indices, each in ``[0, num_layers)``; raises :class:`LayerSelectionError` otherwise."""
+    chosen = sorted(set(int(layer) for layer in layers))
+    bad = [layer for layer in chosen if not 0 <= layer < num_layers]
+    if bad:
+        raise LayerSelectionError(f"layer indices {bad} are out of range for a model with {num_layers} layers (0..{num_layers - 1})")
+    return tuple(chosen)
+
+
+def check_window(model: LoadedModel, total_tokens: int, what: str) -> None:
+    if total_tokens > model.max_positions:
+        raise PromptError(
+            f"{what} needs {total_tokens} positions but {model.name} allows {model.max_positions}; "
+            "shorten the context or lower max_new_tokens"
+        )
+
+
+@torch.no_grad()
+def encode_context(
+    sender: LoadedModel, context_ids: torch.Tensor, layers: list[int] | tuple[int, ...], sink_tokens: int = 1
+) -> KVMessage:
+    """Prefill the sender once over ``context_ids`` ``[1, C]`` and package the KV of ``layers``."""
+    chosen = validate_layers(layers, sender.num_layers)
+    context_length = int(context_ids.shape[-1])
+    if context_length == 0:
+        raise PromptError("the sender's context is empty")
+    if not 0 <= sink_tokens <= context_length:
+        raise LayerSelectionError(f"sink_tokens must be in [0, {context_length}], got {sink_tokens}")
+    check_window(sender, context_length, "the sender's context")
+    output = sender.model(input_ids=context_ids.to(sender.device), use_cache=True)
+    cache = output.cache
+    keys, values, sink_keys, sink_values = {}, {}, {}, {}
+    for layer in range(sender.num_layers):
+        layer_keys, layer_values = _hf.cache_layer_kv(cache, layer)
+        if layer in chosen:
+            keys[layer], values[layer] = layer_keys, layer_values
+        elif sink_tokens > 0:
+            sink_keys[layer] = layer_keys[..., :sink_tokens, :].clone()
+            sink_values[layer] = layer_values[..., :sink_tokens, :].clone()
+    return KVMessage(chosen, keys, values, sink_keys, sink_values, context_length, sink_tokens, sender.fingerprint)
+
+
+def receiver_cache(message: KVMessage, receiver: LoadedModel) -> _hf.ReceiverCache:
+    """A cache for ``receiver`` holding the message: full KV at selected layers, only the sink elsewhere.
+
+    Every layer reports ``message.context_length`` tokens, so the receiver's positions start at ``|C|`` everywhere.
+    """
+    check_compatible(message.fingerprint, receiver.fingerprint)
+    device, dtype = receiver.device, receiver.dtype
+    layers = []
+    for layer in range(receiver.num_layers):
+        if layer in message.keys:
+            layers.append(_hf.full_layer(message.keys[layer].to(device, dtype), message.values[layer].to(device, dtype)))
+        elif layer in message.sink_keys:
+            layers.append(_hf.hidden_prefix_layer(
+                message.context_length,
+                message.sink_keys[layer].to(device, dtype),
+                message.sink_values[layer].to(device, dtype),
+            ))
+        else:
+            layers.append(_hf.hidden_prefix_layer(message.context_length))
+    return _hf.ReceiverCache(layers)

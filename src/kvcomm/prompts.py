@@ -1,0 +1,41 @@
+"""Prompt templates of the KVComm paper (exact strings) and chat-template tokenisation."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
+MATH_INSTRUCTION = "Answer the math problem step by step."
+
+SKYLINE_TEMPLATE = "Instruction: {instruction} Context: {context} Question: {question}"
+BASELINE_TEMPLATE = "Instruction: {instruction} Question: {question}"
+SENDER_TEMPLATE = "Instruction: {instruction} Context: {context}"
+RECEIVER_TEMPLATE = "Instruction: {instruction} Question: {question}"
+
+
+def role_messages(context: str, question: str, instruction: str = QA_INSTRUCTION) -> dict[str, str]:
+    """The four user messages of one item: ``sender``, ``receiver``, ``skyline``, ``baseline``."""
+    return {
+        "sender": SENDER_TEMPLATE.format(instruction=instruction, context=context),
+        "receiver": RECEIVER_TEMPLATE.format(instruction=instruction, question=question),
+        "skyline": SKYLINE_TEMPLATE.format(instruction=instruction, context=context, question=question),
+        "baseline": BASELINE_TEMPLATE.format(instruction=instruction, question=question),
+    }
+
+
+def chat_text(tokenizer: PreTrainedTokenizerBase, message: str, answer_prefix: str = "") -> str:
+    """``message`` as one user turn with the generation prompt, followed by ``answer_prefix``."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
+        )
+    else:  # base models without a chat template (tiny test models): BOS + message + newline
+        text = (tokenizer.bos_token or "") + message + "\n"
+    return text + answer_prefix
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, message: str, answer_prefix: str = "") -> torch.Tensor:
+    """Token ids ``[1, n]`` of :func:`chat_text` (special tokens come from the template, none are added)."""
+    text = chat_text(tokenizer, message, answer_prefix)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
