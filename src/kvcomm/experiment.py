@@ -1,0 +1,182 @@
+"""Shared steps of the command line and scripts: load a model pair, choose layers, build a method, run it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvcomm.errors import KVCommError, LayerSelectionError
+from kvcomm.generation import GenerationSettings
+from kvcomm.methods import Baseline, KVComm, Skyline
+from kvcomm.methods.base import Method
+from kvcomm.models import LoadedModel, check_compatible, load_model
+from kvcomm.runner import run_items
+from kvcomm.selection import LayerScores, calibrate, layer_count, parse_layers, random_layers
+from kvcomm.tasks import TaskSplit, get_task
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("baseline", "skyline", "kvcomm")
+
+
+@dataclass
+class SelectionOptions:
+    """How KVComm picks its layers: an explicit list/range, or a ratio with KVComm scores or at random."""
+
+    layers: str | None = None  # "0,3,5" or "4-12"
+    ratio: float | None = None
+    strategy: str = "kvcomm"  # kvcomm | random
+    calib_size: int = 1
+    alpha: float = 1.0
+    mu: float = 0.5
+    sigma: float = 10.0
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("kvcomm", "random"):
+            raise LayerSelectionError(f"unknown selection {self.strategy!r}; choose kvcomm or random")
+        if self.layers is not None and self.ratio is not None:
+            raise LayerSelectionError("give either --layers or --ratio, not both")
+        if self.calib_size < 1:
+            raise LayerSelectionError(f"--calib-size must be >= 1, got {self.calib_size}")
+
+
+@dataclass
+class RunOptions:
+    method: str
+    task: str
+    sender: str = "smollm2-135m-instruct"
+    receiver: str = "smollm2-135m-instruct"
+    data_dir: str | None = None
+    limit: int | None = None
+    dtype: str = "bf16"
+    device: str = "cpu"
+    sink_tokens: int = 1
+    answer_prefix: str = ""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    selection: SelectionOptions = field(default_factory=SelectionOptions)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise KVCommError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.limit is not None and self.limit < 1:
+            raise KVCommError(f"--limit must be >= 1, got {self.limit}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_pair(sender: str, receiver: str, dtype: str, device: str) -> tuple[LoadedModel, LoadedModel]:
+    """Load sender and receiver (one object when both names are equal), refusing incompatible pairs."""
+    receiver_model = load_model(receiver, dtype=dtype, device=device)
+    sender_model = receiver_model if sender == receiver else load_model(sender, dtype=dtype, device=device)
+    check_compatible(sender_model.fingerprint, receiver_model.fingerprint)
+    return sender_model, receiver_model
+
+
+def choose_layers(sender: LoadedModel, receiver: LoadedModel, split: TaskSplit, options: SelectionOptions
+                  ) -> tuple[tuple[int, ...], LayerScores | None]:
+    """Shared layers for KVComm; all layers when neither a list nor a ratio is given."""
+    num_layers = receiver.num_layers
+    if options.layers is not None:
+        return parse_layers(options.layers, num_layers), None
+    if options.ratio is None:
+        return tuple(range(num_layers)), None
+    if options.strategy == "random":
+        return random_layers(num_layers, layer_count(options.ratio, num_layers), options.seed), None
+    scores = calibrate_on_split(sender, receiver, split, options)
+    return scores.select(options.ratio), scores
+
+
+def calibrate_on_split(sender: LoadedModel, receiver: LoadedModel, split: TaskSplit, options: SelectionOptions
+                       ) -> LayerScores:
+    if len(split.calibration) < options.calib_size:
+        raise LayerSelectionError(
+            f"--calib-size {options.calib_size} but the task has {len(split.calibration)} calibration items"
+        )
+    return calibrate(sender, receiver, split.calibration[: options.calib_size], options.alpha, options.mu,
+                     options.sigma)
+
+
+def build_method(name: str, sender: LoadedModel, receiver: LoadedModel, layers: tuple[int, ...], sink_tokens: int,
+                 settings: GenerationSettings, label: str | None = None) -> Method:
+    if name == "baseline":
+        return Baseline(receiver, settings)
+    if name == "skyline":
+        return Skyline(receiver, settings)
+    if name == "kvcomm":
+        return KVComm(sender, receiver, layers, sink_tokens, settings, name=label or "kvcomm")
+    raise KVCommError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+
+
+def environment() -> dict[str, str]:
+    import platform
+
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform()}
+
+
+def run(options: RunOptions, output_dir: Path, progress: bool = True,
+        models: tuple[LoadedModel, LoadedModel] | None = None) -> dict[str, Any]:
+    """Load, select, run and summarise one (task, method) cell into ``output_dir``."""
+    task = get_task(options.task)
+    split = task.load(options.data_dir)
+    sender, receiver = models or load_pair(options.sender, options.receiver, options.dtype, options.device)
+    examples = split.test[: options.limit] if options.limit else split.test
+    if options.answer_prefix:
+        examples = [example.with_answer_prefix(options.answer_prefix) for example in examples]
+    layers: tuple[int, ...] = ()
+    scores = None
+    if options.method == "kvcomm":
+        layers, scores = choose_layers(sender, receiver, split, options.selection)
+        if scores is not None:
+            scores.save(Path(output_dir) / "layer_scores.json")
+    method = build_method(options.method, sender, receiver, layers, options.sink_tokens, options.generation)
+    config = {"options": options.to_dict(), "layers": list(layers),
+              "fingerprints": {"sender": sender.fingerprint.to_dict(), "receiver": receiver.fingerprint.to_dict()}}
+    summary = run_items(method, examples, Path(output_dir), task.name, task.metric, config, progress=progress)
+    (Path(output_dir) / "environment.json").write_text(json.dumps(environment(), indent=2))
+    return summary
+
+
+def compare_methods(sender: LoadedModel, receiver: LoadedModel, task_name: str, output_root: Path,
+                    ratios: tuple[float, ...] = (0.3, 0.5, 0.7), data_dir: str | None = None,
+                    limit: int | None = None, answer_prefix: str = "", sink_tokens: int = 1,
+                    selection: SelectionOptions | None = None, settings: GenerationSettings | None = None,
+                    progress: bool = True) -> list[dict[str, Any]]:
+    """Baseline, Skyline and KVComm at each ratio (one calibration shared by all ratios) on one task."""
+    selection = selection or SelectionOptions()
+    settings = settings or GenerationSettings()
+    task = get_task(task_name)
+    split = task.load(data_dir)
+    examples = split.test[:limit] if limit else split.test
+    if answer_prefix:
+        examples = [example.with_answer_prefix(answer_prefix) for example in examples]
+    scores = calibrate_on_split(sender, receiver, split, selection)
+    scores.save(Path(output_root) / "layer_scores.json")
+    cells: list[tuple[str, Method, tuple[int, ...]]] = [
+        ("baseline", Baseline(receiver, settings), ()),
+        ("skyline", Skyline(receiver, settings), ()),
+    ]
+    for ratio in ratios:
+        layers = scores.select(ratio)
+        label = f"kvcomm@{ratio:g}"
+        cells.append((label, KVComm(sender, receiver, layers, sink_tokens, settings, name=label), layers))
+    summaries = []
+    base_config = {"task": task.name, "limit": limit, "answer_prefix": answer_prefix, "sink_tokens": sink_tokens,
+                   "selection": asdict(selection), "generation": asdict(settings),
+                   "fingerprints": {"sender": sender.fingerprint.to_dict(),
+                                    "receiver": receiver.fingerprint.to_dict()}}
+    for label, method, layers in cells:
+        config = {**base_config, "method": label, "layers": list(layers)}
+        cell_dir = Path(output_root) / label.replace("@", "-")
+        summaries.append(run_items(method, examples, cell_dir, task.name, task.metric, config, progress=progress))
+    (Path(output_root) / "environment.json").write_text(json.dumps(environment(), indent=2))
+    return summaries

@@ -1,0 +1,69 @@
+"""Results as tables (terminal and Markdown) and plots of layer scores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from kvcomm.selection import LayerScores
+
+
+def summary_table(summaries: Sequence[dict[str, Any]], title: str = "") -> Table:
+    """A rich table: one row per method with score, KV bytes and seconds per side."""
+    table = Table(title=title)
+    for column in ("method", "n", "metric", "score", "KV KiB", "sender s", "receiver s", "layers", "errors"):
+        table.add_column(column, justify="left" if column in ("method", "metric", "layers") else "right")
+    for summary in summaries:
+        layers = summary.get("layers")
+        table.add_row(summary["method"], str(summary["n"]), summary["metric"], f"{summary['score']:.3f}",
+                      f"{summary['mean_kv_bytes'] / 1024:.1f}", f"{summary['costs']['mean_sender_seconds']:.3f}",
+                      f"{summary['costs']['mean_receiver_seconds']:.3f}",
+                      "" if not layers else f"{len(layers)}: {','.join(map(str, layers))}", str(summary["errors"]))
+    return table
+
+
+def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
+    lines = ["| method | n | metric | score | KV KiB | sender s | receiver s | layers |", "|---|---|---|---|---|---|---|---|"]
+    for summary in summaries:
+        layers = summary.get("layers") or []
+        lines.append(f"| {summary['method']} | {summary['n']} | {summary['metric']} | {summary['score']:.3f} | "
+                     f"{summary['mean_kv_bytes'] / 1024:.1f} | {summary['costs']['mean_sender_seconds']:.3f} | "
+                     f"{summary['costs']['mean_receiver_seconds']:.3f} | {len(layers)} |")
+    return "\n".join(lines) + "\n"
+
+
+def scores_table(scores: LayerScores, ratios: Sequence[float] = (0.3, 0.5, 0.7)) -> Table:
+    chosen = {ratio: set(scores.select(ratio)) for ratio in ratios}
+    table = Table(title="KVComm layer scores")
+    for column in ("layer", "importance", "normalized", "prior", "score", *[f"top {r:g}" for r in ratios]):
+        table.add_column(column, justify="right")
+    for layer in range(scores.num_layers):
+        table.add_row(str(layer), f"{scores.importance[layer]:.4f}", f"{scores.normalized[layer]:.3f}",
+                      f"{scores.prior[layer]:.3f}", f"{scores.combined[layer]:.3f}",
+                      *["x" if layer in chosen[r] else "" for r in ratios])
+    return table
+
+
+def plot_scores(scores: LayerScores, path: Path) -> Path:
+    """Bar plot of the per-layer scores (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 3.2))
+    layers = list(range(scores.num_layers))
+    axis.bar(layers, scores.normalized, color="tab:blue", label="attention importance (normalised)")
+    axis.plot(layers, scores.prior, color="tab:orange", label=f"Gaussian prior (mu={scores.mu}, sigma={scores.sigma})")
+    axis.plot(layers, scores.combined, "k.", label=f"score (alpha={scores.alpha})")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("score")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
