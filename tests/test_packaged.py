@@ -1,0 +1,48 @@
+"""Invariants on the packaged SmolLM2-135M-Instruct (30 layers, GQA 9/3, head dim 64), in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomm.checks import equivalence
+from kvcomm.methods import KVComm
+from kvcomm.metrics import token_f1
+from kvcomm.tasks import get_task
+from kvcomm.tasks.base import Example
+from tests.conftest import shared_data_dir
+
+pytestmark = pytest.mark.packaged
+
+
+def test_packaged_fingerprint(packaged):
+    fp = packaged.fingerprint
+    assert (fp.architecture, fp.num_layers, fp.num_attention_heads, fp.num_kv_heads, fp.head_dim) == \
+        ("LlamaForCausalLM", 30, 9, 3, 64)
+
+
+def test_all_layers_shared_equals_single_model(packaged):
+    example = get_task("demo").load().test[0]
+    result = equivalence(packaged, packaged, example, max_new_tokens=12)
+    assert result.max_logit_diff < 1e-4
+    assert result.tokens_equal and len(result.kvcomm_tokens) > 0
+
+
+def test_removing_the_kv_changes_hotpotqa_answers(packaged):
+    items = [e.with_answer_prefix("The answer is:") for e in get_task("hotpotqa").load(shared_data_dir()).test[:6]]
+    with_kv = KVComm(packaged, packaged, range(30))
+    without_kv = KVComm(packaged, packaged, ())  # every layer hides the context (sink token only)
+    answers = [(with_kv.answer(e).answer, without_kv.answer(e).answer) for e in items]
+    changed = sum(a != b for a, b in answers)
+    assert changed >= 5, answers
+    f1_with = sum(token_f1(a, e.answers[0]) for (a, _), e in zip(answers, items))
+    f1_without = sum(token_f1(b, e.answers[0]) for (_, b), e in zip(answers, items))
+    assert f1_with > f1_without, answers
+
+
+def test_packaged_demo_item_needs_the_context(packaged):
+    example = Example.qa(context="Alice's code is 4821.", question="What is Alice's code?", answers=["4821"],
+                         max_new_tokens=6, answer_prefix="Alice's code is")
+    assert "4821" in KVComm(packaged, packaged, range(30)).answer(example).answer
+    assert "4821" not in KVComm(packaged, packaged, ()).answer(example).answer
+    assert torch.get_default_dtype() == torch.float32
