@@ -153,3 +153,14 @@ def test_kvcomm_method_all_layers_equals_concatenated_skyline_tokens(tiny):
     per_token_layer = 2 * 2 * 16 * 4  # K and V, kv_heads 2, head_dim 16, fp32
     assert output.costs.kv_bytes == per_token_layer * context.shape[-1] * tiny.num_layers
     assert Skyline(tiny).answer(EXAMPLE).costs.kv_bytes == 0
+
+
+def test_one_message_can_be_received_twice_unchanged(tiny):
+    method = KVComm(tiny, tiny, (0, 2))
+    message, _ = method.send(EXAMPLE)
+    before = {layer: keys.clone() for layer, keys in message.keys.items()}
+    first = method.receive(message, EXAMPLE).answer
+    second = method.receive(message, EXAMPLE).answer
+    assert first == second
+    assert all(torch.equal(before[layer], message.keys[layer]) for layer in before)
+    assert set(message.sink_keys) == {1, 3} and message.sink_keys[1].shape[-2] == 1

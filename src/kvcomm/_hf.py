@@ -65,7 +65,8 @@ class ReceiverCache(DynamicCache):
 def full_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
     """A plain dynamic layer pre-filled with ``keys``/``values`` of shape ``[batch, kv_heads, seq, head_dim]``."""
     layer = DynamicLayer()
-    layer.update(keys, values)
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values  # no copy: the receiver's first update concatenates into new tensors
     return layer
 
 
@@ -76,7 +77,8 @@ def hidden_prefix_layer(
     kept = 0 if sink_keys is None else sink_keys.shape[-2]
     layer = HiddenPrefixLayer(hidden_tokens=context_length - kept)
     if sink_keys is not None and sink_values is not None and kept > 0:
-        layer.update(sink_keys, sink_values)
+        layer.lazy_initialization(sink_keys, sink_values)
+        layer.keys, layer.values = sink_keys, sink_values
     return layer
 
 

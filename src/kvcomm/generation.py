@@ -19,6 +19,7 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks compare equal work)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -52,12 +53,15 @@ def generate(
         attention_mask=attention_mask,
         cache=cache,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if settings.ignore_eos else None,
         pad_token_id=model.tokenizer.pad_token_id,
         **sampling,
     )
     new_tokens = output[0, input_ids.shape[-1]:].tolist()
     eos = model.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    if settings.ignore_eos:
+        return new_tokens
     for index, token in enumerate(new_tokens):
         if token in eos_ids:
             return new_tokens[:index]

@@ -65,7 +65,8 @@ def encode_context(
     if not 0 <= sink_tokens <= context_length:
         raise LayerSelectionError(f"sink_tokens must be in [0, {context_length}], got {sink_tokens}")
     check_window(sender, context_length, "the sender's context")
-    output = sender.model(input_ids=context_ids.to(sender.device), use_cache=True)
+    # logits_to_keep=1: the sender never needs the vocabulary projection of its context (saves |C|·vocab floats)
+    output = sender.model(input_ids=context_ids.to(sender.device), use_cache=True, logits_to_keep=1)
     cache = output.cache
     keys, values, sink_keys, sink_values = {}, {}, {}, {}
     for layer in range(sender.num_layers):
