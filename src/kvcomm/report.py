@@ -67,3 +67,30 @@ def plot_scores(scores: LayerScores, path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def load_summaries(root: Path) -> list[dict[str, Any]]:
+    """Every ``metrics.json`` directly under ``root``'s method folders, in baseline/skyline/kvcomm order."""
+    import json
+
+    summaries = [json.loads(path.read_text()) for path in sorted(Path(root).glob("*/metrics.json"))]
+    order = {"baseline": 0, "skyline": 1}
+    return sorted(summaries, key=lambda s: (order.get(s["method"], 2), s["method"]))
+
+
+def paper_layout_table(columns: dict[str, Sequence[dict[str, Any]]], digits: int = 3) -> str:
+    """Markdown table in the paper's layout: methods as rows, one column per task (``columns``: label → summaries)."""
+    methods: list[str] = []
+    for summaries in columns.values():
+        for summary in summaries:
+            if summary["method"] not in methods:
+                methods.append(summary["method"])
+    header = "| method | " + " | ".join(columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
+    for method in methods:
+        cells = []
+        for summaries in columns.values():
+            found = next((s for s in summaries if s["method"] == method), None)
+            cells.append("" if found is None else f"{found['score']:.{digits}f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
