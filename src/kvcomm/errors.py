@@ -23,3 +23,16 @@ class PromptError(KVCommError):
 
 class TaskError(KVCommError):
     """An unknown task, a missing data file, or a malformed record."""
+
+
+class CalibrationError(KVCommError):
+    """Sender and receiver KV statistics that cannot be matched (different head_dim or KV heads, missing layers)."""
+
+
+class QuantizationError(KVCommError):
+    """An invalid bit width, group size, axis or tensor for quantization, or a bit budget that cannot be met."""
+
+
+class WireFormatError(KVCommError):
+    """A message that cannot be encoded, or bytes that are not a valid kvcomm wire message (corrupted, truncated,
+    malformed or of an unknown version)."""

@@ -9,6 +9,7 @@ import torch
 from kvcomm import _hf
 from kvcomm.errors import LayerSelectionError, PromptError
 from kvcomm.models import Fingerprint, LoadedModel, check_compatible
+from kvcomm.quant import KVTensor, QuantizedTensor, as_tensor
 
 
 @dataclass
@@ -17,12 +18,13 @@ class KVMessage:
 
     ``keys[l]`` / ``values[l]``: ``[1, kv_heads, context_length, head_dim]`` for every selected layer ``l``, with RoPE
     positions ``0 .. context_length-1``. ``sink_keys[l]`` / ``sink_values[l]``: ``[1, kv_heads, sink_tokens, head_dim]``
-    for every non-selected layer (empty dicts when ``sink_tokens == 0``).
+    for every non-selected layer (empty dicts when ``sink_tokens == 0``). ``keys``/``values`` entries may also be
+    :class:`~kvcomm.quant.QuantizedTensor` (see :func:`kvcomm.quant.quantize_message`).
     """
 
     layers: tuple[int, ...]
-    keys: dict[int, torch.Tensor]
-    values: dict[int, torch.Tensor]
+    keys: dict[int, KVTensor]
+    values: dict[int, KVTensor]
     sink_keys: dict[int, torch.Tensor]
     sink_values: dict[int, torch.Tensor]
     context_length: int
@@ -31,9 +33,9 @@ class KVMessage:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor in the message at its dtype."""
+        """Bytes of every tensor in the message at its dtype (packed codes + scales + zeros + sink when quantized)."""
         tensors = [*self.keys.values(), *self.values.values(), *self.sink_keys.values(), *self.sink_values.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size() for t in tensors)
 
 
 def validate_layers(layers: list[int] | tuple[int, ...], num_layers: int) -> tuple[int, ...]:
@@ -89,7 +91,8 @@ def receiver_cache(message: KVMessage, receiver: LoadedModel) -> _hf.ReceiverCac
     layers = []
     for layer in range(receiver.num_layers):
         if layer in message.keys:
-            layers.append(_hf.full_layer(message.keys[layer].to(device, dtype), message.values[layer].to(device, dtype)))
+            layers.append(_hf.full_layer(as_tensor(message.keys[layer]).to(device, dtype),
+                                         as_tensor(message.values[layer]).to(device, dtype)))
         elif layer in message.sink_keys:
             layers.append(_hf.hidden_prefix_layer(
                 message.context_length,
