@@ -14,7 +14,8 @@ import torch
 class CostRecord:
     """What answering one item cost.
 
-    ``kv_bytes`` counts the KV tensors sent at their dtype (sink tokens included); ``*_seconds`` are wall time of
+    ``kv_bytes`` counts the KV sent (tensors at their dtype, sink tokens included; for a serialised message, its
+    encoded length with header); ``*_seconds`` are wall time of
     each side (sender: context prefill; receiver: prefill and generation).
     """
 
@@ -22,6 +23,7 @@ class CostRecord:
     receiver_prefill_tokens: int = 0
     generated_tokens: int = 0
     kv_bytes: int = 0
+    text_bytes: int = 0  # UTF-8 bytes of text sent beside (or instead of) the KV, e.g. Q-KVComm's key facts
     sender_seconds: float = 0.0
     receiver_seconds: float = 0.0
 

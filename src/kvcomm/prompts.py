@@ -39,3 +39,14 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, message: str, answer_prefix: st
     """Token ids ``[1, n]`` of :func:`chat_text` (special tokens come from the template, none are added)."""
     text = chat_text(tokenizer, message, answer_prefix)
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+
+def with_side_text(message: str, side_text: str) -> str:
+    """Insert ``side_text`` (e.g. key facts) before the message's last ``Question:`` (appended when there is none)."""
+    if not side_text:
+        return message
+    marker = " Question: "
+    index = message.rfind(marker)
+    if index < 0:
+        return f"{message} {side_text}"
+    return f"{message[:index]} {side_text}{message[index:]}"
