@@ -81,3 +81,18 @@ def test_calibrate_and_demo(model_dir, tmp_path):
     assert demo.exit_code == 0, demo.output
     for cell in ("baseline", "skyline", "kvcomm-0.3", "kvcomm-0.5", "kvcomm-0.7"):
         assert json.loads((tmp_path / "demo" / cell / "metrics.json").read_text())["n"] == 2
+
+
+def test_run_qkvcomm_with_adaptive_bits_and_facts(model_dir, tmp_path):
+    out = tmp_path / "q"
+    args = ["run", "--method", "qkvcomm", "--task", "demo", "--sender", model_dir, "--receiver", model_dir,
+            "--limit", "2", "--layers", "0-3", "--adaptive-bits", "3", "--facts-budget", "80", "--dtype", "fp32",
+            "--output", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "qkvcomm" and metrics["costs"]["mean_text_bytes"] > 0
+    assert 0 < metrics["mean_kv_bytes"]
+    bad = CliRunner().invoke(app, ["run", "--method", "qkvcomm", "--task", "demo", "--bits", "5", "--sender",
+                                   model_dir, "--receiver", model_dir, "--output", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--bits must be one of" in bad.output

@@ -40,7 +40,7 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 @app.command()
 def run(
-    method: str = typer.Option(..., help="baseline, skyline or kvcomm"),
+    method: str = typer.Option(..., help="baseline, skyline, kvcomm or qkvcomm"),
     task: str = typer.Option(..., help="demo, countries, tipsheets or hotpotqa"),
     sender: str = typer.Option(PACKAGED, help="hub id, local folder, .gguf file or smollm2-135m-instruct"),
     receiver: str = typer.Option(PACKAGED, help="hub id, local folder, .gguf file or smollm2-135m-instruct"),
@@ -56,6 +56,11 @@ def run(
     seed: int = typer.Option(42, help="seed for random selection and sampling"),
     sink_tokens: int = typer.Option(1, help="sender tokens kept at non-selected layers (1 = attention sink, 0 = none)"),
     answer_prefix: str = typer.Option("", help="text after the receiver's generation prompt, e.g. 'The answer is:'"),
+    bits: int = typer.Option(4, help="qkvcomm: uniform KV bit width 2/3/4/6/8, 16 = unquantized"),
+    group_size: int = typer.Option(32, help="qkvcomm: quantization group size"),
+    adaptive_bits: Optional[float] = typer.Option(None, help="qkvcomm: average width for per-layer adaptive bits"),
+    sensitivity: str = typer.Option("relative", help="qkvcomm: sensitivity measure for adaptive bits (relative, kl)"),
+    facts_budget: int = typer.Option(0, help="qkvcomm: tokens of key facts sent beside the KV (0 = none)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="override the task's max new tokens"),
     do_sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
     temperature: float = typer.Option(1.0, help="sampling temperature"),
@@ -66,7 +71,7 @@ def run(
 ) -> None:
     """Run one method on one task and write predictions.jsonl, metrics.json and config.json."""
     _setup_logging(verbose)
-    from kvcomm.experiment import RunOptions, SelectionOptions, run as run_cell
+    from kvcomm.experiment import QuantOptions, RunOptions, SelectionOptions, run as run_cell
     from kvcomm.generation import GenerationSettings
     from kvcomm.report import summary_table
 
@@ -77,13 +82,15 @@ def run(
             sink_tokens=sink_tokens, answer_prefix=answer_prefix,
             generation=GenerationSettings(max_new_tokens, do_sample, temperature, seed=seed if do_sample else None),
             selection=SelectionOptions(layers, ratio, selection, calib_size, alpha, mu, sigma, seed),
+            quant=QuantOptions(bits, group_size, adaptive_bits, sensitivity, facts_budget),
         )
         summary = run_cell(options, output)
     except (KVCommError, ValueError) as error:
         _fail(error)
     console.print(summary_table([summary], title=f"{task} → {output}"))
     console.print(f"{summary['method']} on {summary['task']}: {summary['metric']} = {summary['score']:.3f} "
-                  f"over {summary['n']} items, mean KV {summary['mean_kv_bytes'] / 1024:.1f} KiB")
+                  f"over {summary['n']} items, mean KV {summary['mean_kv_bytes'] / 1024:.1f} KiB"
+                  + (f" + {summary['costs']['mean_text_bytes']:.0f} B text" if summary["costs"]["mean_text_bytes"] else ""))
 
 
 @app.command()

@@ -13,15 +13,18 @@ import torch
 from kvcomm.errors import KVCommError, LayerSelectionError
 from kvcomm.generation import GenerationSettings
 from kvcomm.methods import Baseline, KVComm, Skyline
+from kvcomm.facts import FactsConfig
 from kvcomm.methods.base import Method
+from kvcomm.methods.qkvcomm import QKVComm, profile_allocation
+from kvcomm.quant import KVQuantConfig
 from kvcomm.models import LoadedModel, check_compatible, load_model
 from kvcomm.runner import run_items
 from kvcomm.selection import LayerScores, calibrate, layer_count, parse_layers, random_layers
-from kvcomm.tasks import TaskSplit, get_task
+from kvcomm.tasks import Example, TaskSplit, get_task
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("baseline", "skyline", "kvcomm")
+METHODS = ("baseline", "skyline", "kvcomm", "qkvcomm")
 
 
 @dataclass
@@ -47,6 +50,28 @@ class SelectionOptions:
 
 
 @dataclass
+class QuantOptions:
+    """Q-KVComm parts: uniform ``bits`` (16 = no quantization), or an adaptive average ``target_bits`` from
+    sensitivity profiling on calibration items; ``facts_budget`` tokens of key facts (0 = none)."""
+
+    bits: int = 4
+    group_size: int = 32
+    target_bits: float | None = None
+    sensitivity: str = "relative"  # relative | kl
+    facts_budget: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 6, 8, 16):
+            raise KVCommError(f"--bits must be one of 2, 3, 4, 6, 8 or 16 (no quantization), got {self.bits}")
+        if self.target_bits is not None and self.bits == 16:
+            raise KVCommError("--adaptive-bits needs quantization (--bits below 16)")
+        if self.sensitivity not in ("relative", "kl"):
+            raise KVCommError(f"--sensitivity must be relative or kl, got {self.sensitivity!r}")
+        if self.facts_budget < 0:
+            raise KVCommError(f"--facts-budget must be >= 0, got {self.facts_budget}")
+
+
+@dataclass
 class RunOptions:
     method: str
     task: str
@@ -60,6 +85,7 @@ class RunOptions:
     answer_prefix: str = ""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     selection: SelectionOptions = field(default_factory=SelectionOptions)
+    quant: QuantOptions = field(default_factory=QuantOptions)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -111,7 +137,25 @@ def build_method(name: str, sender: LoadedModel, receiver: LoadedModel, layers: 
         return Skyline(receiver, settings)
     if name == "kvcomm":
         return KVComm(sender, receiver, layers, sink_tokens, settings, name=label or "kvcomm")
+    if name == "qkvcomm":
+        return build_qkvcomm(sender, receiver, layers, sink_tokens, settings, QuantOptions(), [], label)
     raise KVCommError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+
+
+def build_qkvcomm(sender: LoadedModel, receiver: LoadedModel, layers: tuple[int, ...], sink_tokens: int,
+                  settings: GenerationSettings, options: QuantOptions, calibration: list[Example],
+                  label: str | None = None) -> QKVComm:
+    """A :class:`QKVComm` from command-line options; adaptive widths are profiled on ``calibration`` items."""
+    quant = None if options.bits == 16 else KVQuantConfig(options.bits, options.bits, options.group_size)
+    allocation = None
+    if options.target_bits is not None and quant is not None:
+        if not calibration:
+            raise LayerSelectionError("adaptive bits need calibration items")
+        allocation = profile_allocation(sender, receiver, calibration, layers, options.target_bits, quant,
+                                        options.sensitivity, sink_tokens=sink_tokens)
+    facts = FactsConfig(budget_tokens=options.facts_budget) if options.facts_budget else None
+    return QKVComm(sender, receiver, layers, quant, allocation, facts, None, sink_tokens, settings,
+                   name=label or "qkvcomm")
 
 
 def environment() -> dict[str, str]:
@@ -134,11 +178,16 @@ def run(options: RunOptions, output_dir: Path, progress: bool = True,
         examples = [example.with_answer_prefix(options.answer_prefix) for example in examples]
     layers: tuple[int, ...] = ()
     scores = None
-    if options.method == "kvcomm":
+    if options.method in ("kvcomm", "qkvcomm"):
         layers, scores = choose_layers(sender, receiver, split, options.selection)
         if scores is not None:
             scores.save(Path(output_dir) / "layer_scores.json")
-    method = build_method(options.method, sender, receiver, layers, options.sink_tokens, options.generation)
+    if options.method == "qkvcomm":
+        calibration = split.calibration[: options.selection.calib_size]
+        method = build_qkvcomm(sender, receiver, layers, options.sink_tokens, options.generation, options.quant,
+                               calibration)
+    else:
+        method = build_method(options.method, sender, receiver, layers, options.sink_tokens, options.generation)
     config = {"options": options.to_dict(), "layers": list(layers),
               "fingerprints": {"sender": sender.fingerprint.to_dict(), "receiver": receiver.fingerprint.to_dict()}}
     summary = run_items(method, examples, Path(output_dir), task.name, task.metric, config, progress=progress)
