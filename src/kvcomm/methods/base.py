@@ -30,6 +30,14 @@ class Method(Protocol):
     def answer(self, example: Example) -> MethodOutput: ...
 
 
+def send_then_receive(method: object, example: Example) -> MethodOutput:
+    """``method.send(example)`` then ``method.receive(packet, example)``, with the sender's seconds in the costs."""
+    packet, sender_seconds = method.send(example)  # type: ignore[attr-defined]
+    output: MethodOutput = method.receive(packet, example)  # type: ignore[attr-defined]
+    output.costs.sender_seconds = sender_seconds
+    return output
+
+
 def max_new_tokens(example: Example, settings: GenerationSettings) -> int:
     return settings.max_new_tokens or example.max_new_tokens
 

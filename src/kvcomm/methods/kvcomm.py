@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from kvcomm.costs import CostRecord, stopwatch
 from kvcomm.generation import GenerationSettings, decode, generate
 from kvcomm.message import KVMessage, check_window, encode_context, receiver_cache, validate_layers
-from kvcomm.methods.base import MethodOutput, max_new_tokens
+from kvcomm.methods.base import MethodOutput, max_new_tokens, send_then_receive
 from kvcomm.models import LoadedModel, check_compatible
 from kvcomm.prompts import chat_ids
 from kvcomm.tasks.base import Example
@@ -54,7 +54,4 @@ class KVComm:
         return MethodOutput(answer=decode(self.receiver, tokens), costs=costs, layers=message.layers)
 
     def answer(self, example: Example) -> MethodOutput:
-        message, sender_seconds = self.send(example)
-        output = self.receive(message, example)
-        output.costs.sender_seconds = sender_seconds
-        return output
+        return send_then_receive(self, example)

@@ -15,7 +15,7 @@ from kvcomm.costs import CostRecord, stopwatch
 from kvcomm.facts import FactsConfig, extract_facts, token_counter
 from kvcomm.generation import GenerationSettings, decode, generate
 from kvcomm.message import KVMessage, check_window, encode_context, receiver_cache, validate_layers
-from kvcomm.methods.base import MethodOutput, max_new_tokens
+from kvcomm.methods.base import MethodOutput, max_new_tokens, send_then_receive
 from kvcomm.models import LoadedModel, check_compatible
 from kvcomm.prompts import chat_ids, with_side_text
 from kvcomm.quant import KVQuantConfig, quantize_message
@@ -100,10 +100,7 @@ class QKVComm:
         return MethodOutput(answer=decode(self.receiver, tokens), costs=costs, layers=message.layers)
 
     def answer(self, example: Example) -> MethodOutput:
-        packet, sender_seconds = self.send(example)
-        output = self.receive(packet, example)
-        output.costs.sender_seconds = sender_seconds
-        return output
+        return send_then_receive(self, example)
 
 
 def _next_token_kl(receiver: LoadedModel, query_ids: torch.Tensor, reference: torch.Tensor):
