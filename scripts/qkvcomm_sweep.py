@@ -12,9 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 from kvcomm.experiment import QuantOptions, build_qkvcomm, load_pair
+from kvcomm.message import encode_context
+from kvcomm.metrics import paper_coherence
+from kvcomm.prompts import chat_ids
+from kvcomm.quant import QuantizedTensor
 from kvcomm.methods import Baseline, Skyline
 from kvcomm.runner import run_items
 from kvcomm.tasks import get_task
@@ -74,7 +79,9 @@ def main() -> int:
             summary = run_items(method, items, args.output / label / config_name, task.name, task.metric, config)
             costs = summary["costs"]
             rows[config_name] = {"score": summary["score"], "bytes": costs["mean_kv_bytes"] + costs["mean_text_bytes"],
-                                 "kv_bytes": costs["mean_kv_bytes"], "text_bytes": costs["mean_text_bytes"]}
+                                 "kv_bytes": costs["mean_kv_bytes"], "text_bytes": costs["mean_text_bytes"],
+                                 "paper_coherence": mean_coherence(args.output / label / config_name),
+                                 "paper_ratio_vs_fp32": paper_ratio(method, calibration[0])}
         fp16 = rows["fp16"]["bytes"]
         for row in rows.values():
             row["x_smaller_than_fp16"] = fp16 / row["bytes"] if row["bytes"] else None
@@ -86,6 +93,25 @@ def main() -> int:
     return 0
 
 
+def mean_coherence(cell: Path) -> float:
+    """The Q-KVComm paper's coherence heuristic averaged over a cell's predictions (a labelled extra)."""
+    answers = [json.loads(line)["answer"] for line in (cell / "predictions.jsonl").read_text().splitlines()]
+    return sum(paper_coherence(answer) for answer in answers) / max(1, len(answers))
+
+
+def paper_ratio(method, example) -> float:
+    """The paper's compression figure: mean over layers of (K+V bytes in fp32) / (K+V bytes sent), one message."""
+    context_ids = chat_ids(method.receiver.tokenizer, example.messages["sender"])
+    message = method.compress(encode_context(method.sender, context_ids, method.layers, method.sink_tokens))
+    ratios = []
+    for layer in message.layers:
+        parts = (message.keys[layer], message.values[layer])
+        sent = sum(p.nbytes if isinstance(p, QuantizedTensor) else p.numel() * p.element_size() for p in parts)
+        ratios.append(sum(p.numel() if not isinstance(p, QuantizedTensor) else math.prod(p.shape) for p in parts)
+                      * 4 / sent)
+    return sum(ratios) / len(ratios)
+
+
 def receiver_settings():
     from kvcomm.generation import GenerationSettings
 
@@ -95,8 +121,9 @@ def receiver_settings():
 def render(results: dict[str, dict[str, dict]]) -> str:
     labels = list(results)
     names = list(next(iter(results.values())))
-    lines = ["| config | " + " | ".join(f"{t} score | {t} KiB | {t} x vs fp16" for t in labels) + " |",
-             "|---" * (1 + 3 * len(labels)) + "|"]
+    lines = ["| config | " + " | ".join(f"{t} score | {t} KiB | {t} x vs fp16" for t in labels)
+             + " | paper ratio vs fp32 (mean of layers) | paper coherence (demo) |",
+             "|---" * (3 + 3 * len(labels)) + "|"]
     for name in names:
         cells = []
         for label in labels:
@@ -106,7 +133,10 @@ def render(results: dict[str, dict[str, dict]]) -> str:
                 continue
             ratio = row.get("x_smaller_than_fp16")
             cells += [f"{row['score']:.3f}", f"{row['bytes'] / 1024:.1f}", "" if not ratio else f"{ratio:.2f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        first = results[labels[0]].get(name, {})
+        extra = [f"{first['paper_ratio_vs_fp32']:.2f}" if "paper_ratio_vs_fp32" in first else "",
+                 f"{first['paper_coherence']:.3f}" if "paper_coherence" in first else ""]
+        lines.append(f"| {name} | " + " | ".join(cells + extra) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -65,3 +65,12 @@ def test_supporting_sentences_follow_the_given_facts():
     row = {"context": {"title": ["A", "B"], "sentences": [["a0 ", " a1"], ["b0"]]},
            "supporting_facts": {"title": ["B", "A", "C"], "sent_id": [0, 1, 0]}}
     assert supporting_sentences(row) == ["b0", "a1"]
+
+
+def test_paper_coherence_heuristic():
+    from kvcomm.metrics import paper_coherence
+
+    assert paper_coherence("") == 0.0 and paper_coherence("ab") == 0.0
+    assert paper_coherence("Paris is the capital.") == pytest.approx(0.3 + 0.2 + 0.2 + 0.3)
+    assert paper_coherence("paris paris paris") == pytest.approx(0.3 + 0.3 / 3)
+    assert paper_coherence("Paris") == pytest.approx(0.2 + 0.3)

@@ -43,3 +43,19 @@ METRICS = {"token_f1": token_f1, "exact_match": exact_match, "contains": contain
 def score_all(prediction: str, answers: tuple[str, ...] | list[str]) -> dict[str, float]:
     """Every metric, each the maximum over the gold answers (0 when there is none)."""
     return {name: max((fn(prediction, gold) for gold in answers), default=0.0) for name, fn in METRICS.items()}
+
+
+def paper_coherence(prediction: str) -> float:
+    """The Q-KVComm paper's "coherence" (QKVCOMM.md §2.6), a surface heuristic that ignores correctness: length
+    3–100 words +0.3 (101–150 +0.2, more +0.1), upper-case first character +0.2, sentence punctuation +0.2,
+    +0.3 × unique-word ratio; capped at 1; 0 for predictions shorter than 3 characters. Reported only as a labelled
+    extra beside the task metrics."""
+    text = prediction.strip()
+    if len(text) < 3:
+        return 0.0
+    words = text.split()
+    score = 0.3 if 3 <= len(words) <= 100 else 0.2 if 101 <= len(words) <= 150 else 0.1 if len(words) > 150 else 0.0
+    score += 0.2 if text[0].isupper() else 0.0
+    score += 0.2 if any(mark in text for mark in ".!?") else 0.0
+    score += 0.3 * len({w.lower() for w in words}) / len(words) if words else 0.0
+    return min(1.0, score)
