@@ -77,7 +77,7 @@ def test_payload_is_standard_safetensors():
     metadata = json.loads(payload[8:8 + header_length])["__metadata__"]
     assert set(metadata) == {"kvcomm"}
     header = json.loads(metadata["kvcomm"])
-    assert header["format"] == wire.FORMAT and header["version"] == 1 and len(header["checksum"]["sha256"]) == 64
+    assert header["format"] == wire.FORMAT and header["version"] == 1 and len(header["checksum"]["crc32"]) == 8
     assert header["keys"]["1"] == {"kind": "quantized", "bits": 3, "group_size": 4, "axis": "channel", "keep": 1,
                                    "dtype": "float16", "shape": [1, 2, 11, 16]}
     loaded = safetensors.torch.load(payload)
@@ -169,7 +169,7 @@ def _forge(header: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     header = dict(header)
     header.pop("checksum", None)
     buffers = [wire._raw_bytes(tensors[name]) for name in sorted(tensors)]
-    header["checksum"] = {"sha256": wire._checksum(header, buffers)}
+    header["checksum"] = {"crc32": wire._checksum(header, buffers)}
     return safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()},
                                   {"kvcomm": wire._canonical(header).decode()})
 
