@@ -43,6 +43,10 @@ CONFIGS = {  # label: QuantOptions
     "uniform-3+facts": QuantOptions(bits=3, group_size=64, facts_budget=32),
     "adaptive-3+facts": QuantOptions(bits=4, group_size=64, target_bits=3.0, facts_budget=32),
     "fp16+facts": QuantOptions(bits=16, facts_budget=32),
+    # group 128: one (scale, zero) per channel over up to 128 tokens, halving the key overhead on short contexts
+    "uniform-3-g128": QuantOptions(bits=3, group_size=128),
+    "adaptive-3-g128": QuantOptions(bits=4, group_size=128, target_bits=3.0),
+    "uniform-3-g128+facts": QuantOptions(bits=3, group_size=128, facts_budget=32),
 }
 
 

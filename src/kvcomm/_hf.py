@@ -15,13 +15,15 @@ with its own test in ``tests/test_hf_compat.py``:
 * Calibration capture: inside :func:`capture_context_attention`, prefill calls (more than one query token) compute
   the attention probabilities explicitly (fp32 softmax, causal mask) and record, per layer, the mean over heads and
   query rows of the probability mass on the sender's context columns ``1 .. |C|-1`` (the sink column 0 excluded).
+* AC and KVComm-S helpers (decoder layer list, hidden states, a temporary last-token pre-hook, the rotary module's
+  cos/sin) — in their own section at the end, tested in ``tests/test_hf_compat_extra.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from kvcomm.errors import KVCommError
 
 ATTENTION_NAME = "kvcomm_sdpa"
 
@@ -209,3 +213,84 @@ def layer_types(config: object) -> list[str]:
     if types is None:
         return ["full_attention"] * int(text_config.num_hidden_layers)
     return list(types)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Additions for AC and KVComm-S (each with its own test in tests/test_hf_compat_extra.py):
+#
+# * :func:`decoder_layers` — the decoder's layer list (``model.get_decoder().layers``);
+# * :func:`hidden_states_at` — ``output_hidden_states=True``: entry 0 is the embeddings, entry k the input of layer k;
+# * :func:`last_token_injection` — a temporary forward pre-hook on one decoder layer that rewrites the last
+#   position's hidden vector of multi-token (prefill) calls; removed in ``finally``;
+# * :func:`rotary_cos_sin` — cos/sin of the model's own rotary module (``model.get_decoder().rotary_emb``).
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM (``model.get_decoder().layers``), one per ``layer_idx``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise KVCommError(f"{type(model).__name__}: cannot find the decoder layer list (expected decoder.layers)")
+    return layers
+
+
+@torch.no_grad()
+def hidden_states_at(model: torch.nn.Module, input_ids: torch.Tensor, index: int) -> torch.Tensor:
+    """Hidden states ``[1, n, hidden]`` of one prefill over ``input_ids`` ``[1, n]`` at ``index``.
+
+    ``index`` 0 is the embedding output and ``index`` k (``0 <= k < L``) the input of decoder layer k.
+    """
+    num_layers = len(decoder_layers(model))
+    if not 0 <= index < num_layers:
+        raise KVCommError(f"hidden-state index {index} is out of range 0..{num_layers - 1}")
+    device = next(model.parameters()).device
+    output = model(input_ids=input_ids.to(device), output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    return output.hidden_states[index]
+
+
+@contextlib.contextmanager
+def last_token_injection(
+    model: torch.nn.Module, layer_idx: int, combine: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Inside the block, calls with more than one token replace the last position's input of layer ``layer_idx``.
+
+    ``combine`` maps the last position's hidden vector ``b`` ``[batch, hidden]`` to its replacement (same shape).
+    Single-token calls (decode steps) are untouched. The pre-hook is removed on exit, also on error.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= layer_idx < len(layers):
+        raise KVCommError(f"layer {layer_idx} is out of range 0..{len(layers) - 1}")
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        positional = len(args) > 0
+        hidden = args[0] if positional else kwargs["hidden_states"]
+        if hidden.shape[-2] <= 1:
+            return None
+        hidden = hidden.clone()
+        hidden[:, -1, :] = combine(hidden[:, -1, :]).to(hidden.dtype)
+        if positional:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = layers[layer_idx].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def rotary_cos_sin(model: torch.nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``cos``/``sin`` ``[n, rotary_dim]`` of the model's rotary module at ``positions`` ``[n]``.
+
+    The module's ``attention_scaling`` (≠ 1 for YaRN-style RoPE) is divided out, so the result is a pure rotation.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        raise KVCommError(f"{type(model).__name__} has no decoder.rotary_emb module; RoPE re-rotation needs one")
+    device = next(model.parameters()).device
+    probe = torch.zeros(1, dtype=torch.float32, device=device)
+    cos, sin = rotary(probe, positions.to(device).long().view(1, -1))
+    scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    return cos[0].float() / scaling, sin[0].float() / scaling

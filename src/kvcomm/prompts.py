@@ -50,3 +50,34 @@ def with_side_text(message: str, side_text: str) -> str:
     if index < 0:
         return f"{message} {side_text}"
     return f"{message[:index]} {side_text}{message[index:]}"
+
+
+# --- NLD / CIPHER (spec §6) ---------------------------------------------------------------------------------------
+
+SUMMARY_INSTRUCTION = "Summarize the following content concisely with one sentence."
+CODE_INSTRUCTION = "Complete ONLY THE NEXT LINE of the code snippet based on the context."
+
+SENDER_AWARE_QA_INSTRUCTION = (
+    "Summarize the context passage in a concise way, as it will be used by another agent to answer the question."
+)
+SENDER_AWARE_MATH_INSTRUCTION = (
+    "Summarize the hint in a concise way, as it will be used by another agent to answer the question."
+)
+SENDER_AWARE_SUMMARY_INSTRUCTION = (
+    "Summarize the content in a concise way, as it will be used by another agent to understand the content."
+)
+SENDER_AWARE_CODE_INSTRUCTION = (
+    "Summarize the code snippet in a concise way, as it will be used by another agent to complete the code."
+)
+# task instruction -> the sender-aware ("summarise for another agent") instruction that replaces it
+SENDER_AWARE_INSTRUCTIONS = {
+    QA_INSTRUCTION: SENDER_AWARE_QA_INSTRUCTION,
+    MATH_INSTRUCTION: SENDER_AWARE_MATH_INSTRUCTION,
+    SUMMARY_INSTRUCTION: SENDER_AWARE_SUMMARY_INSTRUCTION,
+    CODE_INSTRUCTION: SENDER_AWARE_CODE_INSTRUCTION,
+}
+
+REFINE_TEMPLATE = (
+    "{prompt}\nYour previous answer:\n{self_answer}\nOther agents' answers (for your consideration):\n{others}\n"
+    "If needed, revise your answer. Your new answer is:"
+)
