@@ -75,7 +75,7 @@ class OnlineKVComm:
     @classmethod
     def from_calibration(cls, sender: LoadedModel, receiver: LoadedModel, calibration: Sequence[Example],
                          ratio: float, interval: int, alpha: float = 1.0, mu: float = 0.5, sigma: float = 10.0,
-                         **options: object) -> "OnlineKVComm":
+                         **options: object) -> OnlineKVComm:
         """The initial selection from ``calibration`` items (:func:`kvcomm.selection.calibrate`), then online."""
         scores = calibrate(sender, receiver, calibration, alpha, mu, sigma)
         return cls(sender, receiver, ratio, interval, alpha, mu, sigma, initial_layers=scores.select(ratio),
@@ -107,19 +107,17 @@ class OnlineKVComm:
     def answer(self, example: Example) -> MethodOutput:
         """Answer the next item of the stream (recalibrating first when it is due)."""
         record = self.recalibrate(example) if self.due(self.items_seen) else None
-        assert self.layers is not None
-        method = KVComm(self.sender, self.receiver, self.layers, self.sink_tokens, self.settings, name=self.name)
+        layers = self.layers if self.layers is not None else ()
+        method = KVComm(self.sender, self.receiver, layers, self.sink_tokens, self.settings, name=self.name)
         output = method.answer(example)
         self.items_seen += 1
         if record is not None:
             output.costs.receiver_seconds += record.seconds
-            per_layer = max(output.costs.kv_bytes - self._sink_bytes(output), 0) // max(len(self.layers), 1)
-            output.costs.kv_bytes = per_layer * self.receiver.num_layers
+            output.costs.kv_bytes = self.all_layer_bytes(output.costs.sender_prefill_tokens)
         return output
 
-    def _sink_bytes(self, output: MethodOutput) -> int:
-        """Bytes of the sink tokens of the non-selected layers in an answer's message."""
-        fingerprint = self.receiver.fingerprint
-        itemsize = self.sender.dtype.itemsize
-        per_token_layer = 2 * fingerprint.num_kv_heads * fingerprint.head_dim * itemsize
-        return per_token_layer * self.sink_tokens * (self.receiver.num_layers - len(self.layers or ()))
+    def all_layer_bytes(self, context_length: int) -> int:
+        """Bytes of the sender's K and V at every layer for ``context_length`` tokens (what scoring receives)."""
+        fingerprint = self.sender.fingerprint
+        per_token_layer = 2 * fingerprint.num_kv_heads * fingerprint.head_dim * self.sender.dtype.itemsize
+        return per_token_layer * context_length * fingerprint.num_layers

@@ -128,9 +128,8 @@ class AC:
         query_ids = chat_ids(self.receiver.tokenizer, example.messages["receiver"], example.answer_prefix)
         budget = max_new_tokens(example, self.settings)
         check_window(self.receiver, int(query_ids.shape[-1]) + budget, "the receiver prompt")
-        with stopwatch(self.receiver.device) as elapsed:
-            with self.injected(packet):
-                tokens = generate(self.receiver, query_ids, budget, self.settings)
+        with stopwatch(self.receiver.device) as elapsed, self.injected(packet):
+            tokens = generate(self.receiver, query_ids, budget, self.settings)
         # kv_bytes holds the bytes of the tensor sent (one activation vector), so costs stay comparable with KVComm
         costs = CostRecord(sender_prefill_tokens=packet.sender_prompt_tokens,
                            receiver_prefill_tokens=int(query_ids.shape[-1]), generated_tokens=len(tokens),
