@@ -9,10 +9,10 @@ import torch
 
 from kvcomm.costs import CostRecord, stopwatch
 from kvcomm.errors import IncompatibleModelsError, PromptError
-from kvcomm.generation import GenerationSettings, decode
+from kvcomm.generation import GenerationSettings, decode, eos_ids, generate_from_embeds
 from kvcomm.message import check_window
 from kvcomm.methods.base import MethodOutput, max_new_tokens
-from kvcomm.methods.debate import check_message_tokens, eos_ids, refine_message, sender_message
+from kvcomm.methods.debate import check_message_tokens, refine_message, sender_message
 from kvcomm.models import LoadedModel
 from kvcomm.prompts import chat_ids, chat_text
 from kvcomm.tasks.base import Example
@@ -83,35 +83,6 @@ def embedding_message(model: LoadedModel, input_ids: torch.Tensor, max_steps: in
     if not vectors:
         return weight.new_zeros(0, weight.shape[-1])
     return torch.stack(vectors)
-
-
-@torch.no_grad()
-def generate_from_embeds(model: LoadedModel, embeds: torch.Tensor, max_new_tokens: int,
-                         settings: GenerationSettings = GREEDY) -> list[int]:
-    """``model.generate`` from ``inputs_embeds`` ``[1, n, hidden]``; the new token ids, cut at the first EOS."""
-    device = model.device
-    embeds = embeds.to(device, model.dtype)
-    attention_mask = torch.ones(1, embeds.shape[1], dtype=torch.long, device=device)
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)
-    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample \
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    output = model.model.generate(
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens if settings.ignore_eos else None,
-        pad_token_id=model.tokenizer.pad_token_id,
-        **sampling,
-    )
-    tokens = output[0].tolist()  # decoder-only models return only the new tokens when given inputs_embeds
-    if settings.ignore_eos:
-        return tokens
-    stop = eos_ids(model)
-    for index, token in enumerate(tokens):
-        if token in stop:
-            return tokens[:index]
-    return tokens
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from kvcomm.models import LoadedModel
 from kvcomm.prompts import QA_INSTRUCTION, REFINE_TEMPLATE, SENDER_AWARE_INSTRUCTIONS, SENDER_TEMPLATE
 from kvcomm.tasks.base import Example
 
@@ -35,16 +34,6 @@ def sender_message(example: Example, sender_aware: bool = False) -> str:
 def refine_message(prompt: str, self_answer: str, others: str) -> str:
     """The phase-2 user message (spec §6): the receiver's ``prompt``, its own draft and the other agent's text."""
     return REFINE_TEMPLATE.format(prompt=prompt, self_answer=self_answer, others=others)
-
-
-def eos_ids(model: LoadedModel) -> set[int]:
-    """End-of-sequence ids of ``model`` (its generation config, else its tokenizer)."""
-    eos = model.model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
 def check_message_tokens(message_tokens: int) -> None:
