@@ -96,3 +96,14 @@ def test_run_qkvcomm_with_adaptive_bits_and_facts(model_dir, tmp_path):
     bad = CliRunner().invoke(app, ["run", "--method", "qkvcomm", "--task", "demo", "--bits", "5", "--sender",
                                    model_dir, "--receiver", model_dir, "--output", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--bits must be one of" in bad.output
+
+
+@pytest.mark.parametrize("method, extra", [("nld", ["--message-tokens", "4"]), ("cipher", ["--message-tokens", "4"]),
+                                           ("ac", ["--ac-combine", "sum"]), ("kvcomm_s", ["--layers", "0,2"])])
+def test_run_other_methods(model_dir, tmp_path, method, extra):
+    out = tmp_path / method
+    result = CliRunner().invoke(app, ["run", "--method", method, "--task", "demo", "--sender", model_dir,
+                                      "--receiver", model_dir, "--limit", "2", "--max-new-tokens", "4",
+                                      "--dtype", "fp32", "--output", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["n"] == 2

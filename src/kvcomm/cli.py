@@ -40,7 +40,7 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 @app.command()
 def run(
-    method: str = typer.Option(..., help="baseline, skyline, kvcomm or qkvcomm"),
+    method: str = typer.Option(..., help="baseline, skyline, kvcomm, qkvcomm, kvcomm_s, ac, nld or cipher"),
     task: str = typer.Option(..., help="demo, countries, tipsheets or hotpotqa"),
     sender: str = typer.Option(PACKAGED, help="hub id, local folder, .gguf file or smollm2-135m-instruct"),
     receiver: str = typer.Option(PACKAGED, help="hub id, local folder, .gguf file or smollm2-135m-instruct"),
@@ -61,6 +61,9 @@ def run(
     adaptive_bits: Optional[float] = typer.Option(None, help="qkvcomm: average width for per-layer adaptive bits"),
     sensitivity: str = typer.Option("relative", help="qkvcomm: sensitivity measure for adaptive bits (relative, kl)"),
     facts_budget: int = typer.Option(0, help="qkvcomm: tokens of key facts sent beside the KV (0 = none)"),
+    message_tokens: int = typer.Option(256, help="nld/cipher: phase-1 message length"),
+    sender_aware: bool = typer.Option(False, help="nld/cipher: sender summarises for another agent"),
+    ac_combine: str = typer.Option("replace", help="ac: replace, sum or mean"),
     max_new_tokens: Optional[int] = typer.Option(None, help="override the task's max new tokens"),
     do_sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
     temperature: float = typer.Option(1.0, help="sampling temperature"),
@@ -83,6 +86,7 @@ def run(
             generation=GenerationSettings(max_new_tokens, do_sample, temperature, seed=seed if do_sample else None),
             selection=SelectionOptions(layers, ratio, selection, calib_size, alpha, mu, sigma, seed),
             quant=QuantOptions(bits, group_size, adaptive_bits, sensitivity, facts_budget),
+            message_tokens=message_tokens, sender_aware=sender_aware, ac_combine=ac_combine,
         )
         summary = run_cell(options, output)
     except (KVCommError, ValueError) as error:

@@ -12,7 +12,7 @@ import torch
 
 from kvcomm.errors import KVCommError, LayerSelectionError
 from kvcomm.generation import GenerationSettings
-from kvcomm.methods import Baseline, KVComm, Skyline
+from kvcomm.methods import AC, CIPHER, NLD, Baseline, KVComm, KVCommS, Skyline
 from kvcomm.facts import FactsConfig
 from kvcomm.methods.base import Method
 from kvcomm.methods.qkvcomm import QKVComm, profile_allocation
@@ -24,7 +24,7 @@ from kvcomm.tasks import Example, TaskSplit, get_task
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("baseline", "skyline", "kvcomm", "qkvcomm")
+METHODS = ("baseline", "skyline", "kvcomm", "qkvcomm", "kvcomm_s", "ac", "nld", "cipher")
 
 
 @dataclass
@@ -86,6 +86,9 @@ class RunOptions:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     selection: SelectionOptions = field(default_factory=SelectionOptions)
     quant: QuantOptions = field(default_factory=QuantOptions)
+    message_tokens: int = 256  # NLD / CIPHER phase-1 length (paper value)
+    sender_aware: bool = False  # NLD / CIPHER: "summarise for another agent" sender instruction
+    ac_combine: str = "replace"  # AC: replace | sum | mean
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -130,7 +133,16 @@ def calibrate_on_split(sender: LoadedModel, receiver: LoadedModel, split: TaskSp
 
 
 def build_method(name: str, sender: LoadedModel, receiver: LoadedModel, layers: tuple[int, ...], sink_tokens: int,
-                 settings: GenerationSettings, label: str | None = None) -> Method:
+                 settings: GenerationSettings, label: str | None = None, message_tokens: int = 256,
+                 sender_aware: bool = False, ac_combine: str = "replace") -> Method:
+    if name == "kvcomm_s":
+        return KVCommS(sender, receiver, layers, sink_tokens, settings, name=label or "kvcomm_s", shift_back=True)
+    if name == "ac":
+        return AC(sender, receiver, combine=ac_combine, settings=settings, name=label or f"ac-{ac_combine}")
+    if name == "nld":
+        return NLD(sender, receiver, message_tokens, sender_aware, settings, name=label or "nld")
+    if name == "cipher":
+        return CIPHER(sender, receiver, message_tokens, sender_aware, settings=settings, name=label or "cipher")
     if name == "baseline":
         return Baseline(receiver, settings)
     if name == "skyline":
@@ -178,7 +190,7 @@ def run(options: RunOptions, output_dir: Path, progress: bool = True,
         examples = [example.with_answer_prefix(options.answer_prefix) for example in examples]
     layers: tuple[int, ...] = ()
     scores = None
-    if options.method in ("kvcomm", "qkvcomm"):
+    if options.method in ("kvcomm", "qkvcomm", "kvcomm_s"):
         layers, scores = choose_layers(sender, receiver, split, options.selection)
         if scores is not None:
             scores.save(Path(output_dir) / "layer_scores.json")
@@ -187,7 +199,9 @@ def run(options: RunOptions, output_dir: Path, progress: bool = True,
         method = build_qkvcomm(sender, receiver, layers, options.sink_tokens, options.generation, options.quant,
                                calibration)
     else:
-        method = build_method(options.method, sender, receiver, layers, options.sink_tokens, options.generation)
+        method = build_method(options.method, sender, receiver, layers, options.sink_tokens, options.generation,
+                              message_tokens=options.message_tokens, sender_aware=options.sender_aware,
+                              ac_combine=options.ac_combine)
     config = {"options": options.to_dict(), "layers": list(layers),
               "fingerprints": {"sender": sender.fingerprint.to_dict(), "receiver": receiver.fingerprint.to_dict()}}
     summary = run_items(method, examples, Path(output_dir), task.name, task.metric, config, progress=progress)
