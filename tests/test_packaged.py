@@ -46,3 +46,17 @@ def test_packaged_demo_item_needs_the_context(packaged):
     assert "4821" in KVComm(packaged, packaged, range(30)).answer(example).answer
     assert "4821" not in KVComm(packaged, packaged, ()).answer(example).answer
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_eight_bit_kv_gives_the_unquantized_answers_on_countries(packaged):
+    from kvcomm.methods.qkvcomm import QKVComm
+    from kvcomm.quant import KVQuantConfig
+
+    items = get_task("countries").load(shared_data_dir()).test[:10]
+    layers = tuple(range(30))
+    plain = KVComm(packaged, packaged, layers)
+    eight = QKVComm(packaged, packaged, layers, quant=KVQuantConfig(8, 8, group_size=64))
+    two = QKVComm(packaged, packaged, layers, quant=KVQuantConfig(2, 2, group_size=64))
+    answers = [(plain.answer(e).answer, eight.answer(e).answer, two.answer(e).answer) for e in items]
+    assert all(a == b for a, b, _ in answers), answers
+    assert any(a != c for a, _, c in answers), answers  # 2 bits does change answers: the KV really is used

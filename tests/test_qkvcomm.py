@@ -59,3 +59,12 @@ def test_allocation_without_quant_config_is_refused(tiny):
     allocation = profile_allocation(tiny, tiny, get_task("demo").load().calibration[:1], (0, 1), target_bits=4.0)
     with pytest.raises(ValueError, match="quantization config"):
         QKVComm(tiny, tiny, (0, 1), quant=None, allocation=allocation)
+
+
+def test_paper_rank_rule_allocation(tiny):
+    calibration = get_task("demo").load().calibration[:1]
+    allocation = profile_allocation(tiny, tiny, calibration, tuple(range(4)), target_bits=6.0, rule="rank")
+    assert sorted(allocation.key_bits.values()) == [4, 6, 6, 8]  # floor(0.3·4) = 1 layer at each end
+    assert allocation.key_bits == allocation.value_bits and allocation.average_bits == 6.0
+    with pytest.raises(ValueError, match="allocation rule"):
+        profile_allocation(tiny, tiny, calibration, (0, 1), target_bits=6.0, rule="other")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcomm import wire
-from kvcomm.bitalloc import BitAllocation, allocate_bits, distortion_profile, output_sensitivity
+from kvcomm.bitalloc import BitAllocation, allocate_bits, distortion_profile, output_sensitivity, rank_rule_bits
 from kvcomm.costs import CostRecord, stopwatch
 from kvcomm.facts import FactsConfig, extract_facts, token_counter
 from kvcomm.generation import GenerationSettings, decode, generate
@@ -119,13 +119,18 @@ def _next_token_kl(receiver: LoadedModel, query_ids: torch.Tensor, reference: to
 @torch.no_grad()
 def profile_allocation(sender: LoadedModel, receiver: LoadedModel, examples: list[Example], layers: tuple[int, ...],
                        target_bits: float, quant: KVQuantConfig | None = None, measure: str = "relative",
-                       keys_at_least_values: bool = False, sink_tokens: int = 1) -> BitAllocation:
+                       keys_at_least_values: bool = False, sink_tokens: int = 1, rule: str = "solver"
+                       ) -> BitAllocation:
     """Per-layer widths from sensitivity profiling on calibration ``examples`` (never test items).
 
     ``measure``: ``"relative"`` — measured relative round-trip error at every width (keys and values apart);
     ``"kl"`` — the receiver's next-token KL when one layer alone is quantized at 2 bits (scalar per layer, scaled
-    by 4× per removed bit). The solver meets ``target_bits`` exactly (element-weighted average).
+    by 4× per removed bit). ``rule="solver"`` meets ``target_bits`` exactly (element-weighted average);
+    ``rule="rank"`` is the paper's 30/40/30 rank rule (most sensitive 30 % of layers at 8 bits, least sensitive 30 %
+    at 4, the rest at ``int(target_bits)``; the same width for K and V; the average is whatever it comes to).
     """
+    if rule not in ("solver", "rank"):
+        raise ValueError(f"unknown allocation rule {rule!r}; choose solver or rank")
     quant = quant or KVQuantConfig()
     key_tables: dict[int, dict[int, float]] = {}
     value_tables: dict[int, dict[int, float]] = {}
@@ -152,6 +157,12 @@ def profile_allocation(sender: LoadedModel, receiver: LoadedModel, examples: lis
                 kl[layer] = kl.get(layer, 0.0) + value / len(examples) + 1e-9
         else:
             raise ValueError(f"unknown sensitivity measure {measure!r}; choose relative or kl")
+    if rule == "rank":
+        scalar = kl if measure == "kl" else {layer: sum(key_tables[layer].values()) + sum(value_tables[layer].values())
+                                              for layer in key_tables}
+        widths = rank_rule_bits(scalar, min_bits=4, target_bits=target_bits, max_bits=8)
+        average = sum(widths.values()) / len(widths)
+        return BitAllocation(dict(widths), dict(widths), average, float("nan"))
     if measure == "relative":
         return allocate_bits(key_tables, value_tables, target_bits, keys_at_least_values=keys_at_least_values)
     return allocate_bits(kl, None, target_bits, keys_at_least_values=keys_at_least_values, reference_bits=2)
