@@ -132,9 +132,7 @@ def test_hotpotqa_two_sender_split_keeps_items_with_two_facts(tmp_path, monkeypa
 
 
 def test_real_hotpotqa_file_gives_500_two_sender_items():
-    data_dir = shared_data_dir()
-    if not (data_dir / "hotpotqa_dev_distractor_seed42_600.jsonl").is_file():
-        pytest.skip("shared HotpotQA file not present")
+    data_dir = shared_data_dir()  # CI always has ../shared/data beside the clone; a missing file must fail
     split = load_hotpotqa_two_senders(data_dir)
     assert len(split.test) == 500  # every paper test item has at least two supporting sentences (KVCOMM.md §7.1)
     assert all(len(item.extra["contexts"]) == 2 for item in split.test + split.calibration)
