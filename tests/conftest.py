@@ -10,7 +10,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from kvcomm.message import KVMessage, receiver_cache
 from kvcomm.models import LoadedModel, prepare_model
+from kvcomm.prompts import chat_ids
+from kvcomm.tasks.base import Example
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -60,3 +63,21 @@ def packaged() -> LoadedModel:
     from kvcomm.models import load_model
 
     return load_model("smollm2-135m-instruct", dtype="fp32")
+
+
+FACTS_EXAMPLE = Example.qa(context="Bob lives in Ollerby. Alice's code is 4821.", question="What is Alice's code?",
+                           answers=["4821"], max_new_tokens=12, answer_prefix="Alice's code is")
+
+
+def context_and_query(model: LoadedModel, example: Example = FACTS_EXAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-wrapped sender and receiver ids ``[1, C]``, ``[1, Q]`` of ``example``."""
+    context = chat_ids(model.tokenizer, example.messages["sender"])
+    query = chat_ids(model.tokenizer, example.messages["receiver"], example.answer_prefix)
+    return context, query
+
+
+def receiver_logits(model: LoadedModel, message: KVMessage, query: torch.Tensor) -> torch.Tensor:
+    """Receiver logits ``[1, Q, vocab]`` over ``query`` while attending to ``message``."""
+    mask = torch.ones(1, message.context_length + query.shape[-1], dtype=torch.long)
+    with torch.no_grad():
+        return model.model(input_ids=query, attention_mask=mask, cache=receiver_cache(message, model)).logits

@@ -11,24 +11,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from kvcomm.generation import GenerationSettings, generate
 from kvcomm.message import encode_context, receiver_cache
 from kvcomm.methods import KVComm, Skyline
-from kvcomm.prompts import chat_ids
-from kvcomm.tasks.base import Example
-from tests.conftest import tiny_llama
+from tests.conftest import FACTS_EXAMPLE, context_and_query, receiver_logits, tiny_llama
 
-EXAMPLE = Example.qa(context="Bob lives in Ollerby. Alice's code is 4821.", question="What is Alice's code?",
-                     answers=["4821"], max_new_tokens=12, answer_prefix="Alice's code is")
-
-
-def _ids(model):
-    context = chat_ids(model.tokenizer, EXAMPLE.messages["sender"])
-    query = chat_ids(model.tokenizer, EXAMPLE.messages["receiver"], EXAMPLE.answer_prefix)
-    return context, query
-
-
-def _receiver_logits(model, message, query):
-    mask = torch.ones(1, message.context_length + query.shape[-1], dtype=torch.long)
-    with torch.no_grad():
-        return model.model(input_ids=query, attention_mask=mask, cache=receiver_cache(message, model)).logits
+EXAMPLE = FACTS_EXAMPLE
+_ids = context_and_query
+_receiver_logits = receiver_logits
 
 
 def test_all_layers_equal_single_model_logits(tiny):

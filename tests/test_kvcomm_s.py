@@ -9,28 +9,15 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvcomm import _hf
-from kvcomm.message import encode_context, receiver_cache
+from kvcomm.message import encode_context
 from kvcomm.methods.kvcomm import KVComm
 from kvcomm.methods.kvcomm_s import KVCommS, shift_sinks
-from kvcomm.prompts import chat_ids
 from kvcomm.rope import rerotate_keys
-from kvcomm.tasks.base import Example
-from tests.conftest import tiny_llama
+from tests.conftest import FACTS_EXAMPLE, context_and_query, receiver_logits, tiny_llama
 
-EXAMPLE = Example.qa(context="Bob lives in Ollerby. Alice's code is 4821.", question="What is Alice's code?",
-                     answers=["4821"], max_new_tokens=12, answer_prefix="Alice's code is")
-
-
-def _ids(model):
-    context = chat_ids(model.tokenizer, EXAMPLE.messages["sender"])
-    query = chat_ids(model.tokenizer, EXAMPLE.messages["receiver"], EXAMPLE.answer_prefix)
-    return context, query
-
-
-def _receiver_logits(model, message, query):
-    mask = torch.ones(1, message.context_length + query.shape[-1], dtype=torch.long)
-    with torch.no_grad():
-        return model.model(input_ids=query, attention_mask=mask, cache=receiver_cache(message, model)).logits
+EXAMPLE = FACTS_EXAMPLE
+_ids = context_and_query
+_receiver_logits = receiver_logits
 
 
 def _key_at(model, hidden: torch.Tensor, position: int) -> torch.Tensor:

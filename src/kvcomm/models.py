@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvcomm import _hf
 from kvcomm.errors import IncompatibleModelsError, ModelLoadError
@@ -211,7 +211,6 @@ def load_model(name: str, dtype: str | torch.dtype = "bf16", device: str = "cpu"
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     location, _ = resolve(name)
     try:
-        AutoConfig.from_pretrained(location)
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, attn_implementation="sdpa")
     except OSError as error:
