@@ -61,6 +61,10 @@ def run(
     adaptive_bits: Optional[float] = typer.Option(None, help="qkvcomm: average width for per-layer adaptive bits"),
     sensitivity: str = typer.Option("relative", help="qkvcomm: sensitivity measure for adaptive bits (relative, kl)"),
     facts_budget: int = typer.Option(0, help="qkvcomm: tokens of key facts sent beside the KV (0 = none)"),
+    match: str = typer.Option("none", help="qkvcomm: moment-match sender KV to receiver statistics "
+                              "(none, per_dimension, scalar)"),
+    match_samples: int = typer.Option(8, help="qkvcomm: calibration contexts for moment matching"),
+    map_depth: bool = typer.Option(False, help="qkvcomm: accept a receiver of another depth (relative-depth map)"),
     message_tokens: int = typer.Option(256, help="nld/cipher: phase-1 message length"),
     sender_aware: bool = typer.Option(False, help="nld/cipher: sender summarises for another agent"),
     ac_combine: str = typer.Option("replace", help="ac: replace, sum or mean"),
@@ -85,7 +89,8 @@ def run(
             sink_tokens=sink_tokens, answer_prefix=answer_prefix,
             generation=GenerationSettings(max_new_tokens, do_sample, temperature, seed=seed if do_sample else None),
             selection=SelectionOptions(layers, ratio, selection, calib_size, alpha, mu, sigma, seed),
-            quant=QuantOptions(bits, group_size, adaptive_bits, sensitivity, facts_budget),
+            quant=QuantOptions(bits, group_size, adaptive_bits, sensitivity, facts_budget, match, match_samples,
+                               map_depth),
             message_tokens=message_tokens, sender_aware=sender_aware, ac_combine=ac_combine,
         )
         summary = run_cell(options, output)

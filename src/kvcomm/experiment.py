@@ -18,6 +18,9 @@ from kvcomm.methods.base import Method
 from kvcomm.methods.qkvcomm import QKVComm, profile_allocation
 from kvcomm.quant import KVQuantConfig
 from kvcomm.models import LoadedModel, check_compatible, load_model
+from kvcomm.depth import layer_mapping
+from kvcomm.prompts import chat_ids
+from kvcomm.translate import MomentMatcher, collect_model_statistics
 from kvcomm.runner import run_items
 from kvcomm.selection import LayerScores, calibrate, layer_count, parse_layers, random_layers
 from kvcomm.tasks import Example, TaskSplit, get_task
@@ -59,8 +62,15 @@ class QuantOptions:
     target_bits: float | None = None
     sensitivity: str = "relative"  # relative | kl
     facts_budget: int = 0
+    match: str = "none"  # moment matching of sender KV to receiver statistics: none | per_dimension | scalar
+    match_samples: int = 8  # calibration items whose contexts both models prefill for the statistics
+    map_depth: bool = False  # accept a receiver of another depth (layers paired by relative depth)
 
     def __post_init__(self) -> None:
+        if self.match not in ("none", "per_dimension", "scalar"):
+            raise KVCommError(f"--match must be none, per_dimension or scalar, got {self.match!r}")
+        if self.match_samples < 1:
+            raise KVCommError(f"--match-samples must be >= 1, got {self.match_samples}")
         if self.bits not in (2, 3, 4, 6, 8, 16):
             raise KVCommError(f"--bits must be one of 2, 3, 4, 6, 8 or 16 (no quantization), got {self.bits}")
         if self.target_bits is not None and self.bits == 16:
@@ -100,18 +110,27 @@ class RunOptions:
         return asdict(self)
 
 
-def load_pair(sender: str, receiver: str, dtype: str, device: str) -> tuple[LoadedModel, LoadedModel]:
-    """Load sender and receiver (one object when both names are equal), refusing incompatible pairs."""
+def load_pair(sender: str, receiver: str, dtype: str, device: str, allow_depth: bool = False
+              ) -> tuple[LoadedModel, LoadedModel]:
+    """Load sender and receiver (one object when both names are equal), refusing incompatible pairs.
+
+    ``allow_depth``: models of different depth are accepted (for methods that map layers by relative depth).
+    """
     receiver_model = load_model(receiver, dtype=dtype, device=device)
     sender_model = receiver_model if sender == receiver else load_model(sender, dtype=dtype, device=device)
-    check_compatible(sender_model.fingerprint, receiver_model.fingerprint)
+    check_compatible(sender_model.fingerprint, receiver_model.fingerprint, allow_depth=allow_depth)
     return sender_model, receiver_model
 
 
 def choose_layers(sender: LoadedModel, receiver: LoadedModel, split: TaskSplit, options: SelectionOptions
                   ) -> tuple[tuple[int, ...], LayerScores | None]:
-    """Shared layers for KVComm; all layers when neither a list nor a ratio is given."""
-    num_layers = receiver.num_layers
+    """Shared layers for KVComm (sender layer indices); all layers when neither a list nor a ratio is given."""
+    num_layers = sender.num_layers
+    if options.ratio is not None and options.strategy == "kvcomm" and sender.num_layers != receiver.num_layers:
+        raise LayerSelectionError(
+            "calibrated selection needs sender and receiver of the same depth; with models of different depth give "
+            "--layers or --selection random"
+        )
     if options.layers is not None:
         return parse_layers(options.layers, num_layers), None
     if options.ratio is None:
@@ -156,18 +175,39 @@ def build_method(name: str, sender: LoadedModel, receiver: LoadedModel, layers: 
 
 def build_qkvcomm(sender: LoadedModel, receiver: LoadedModel, layers: tuple[int, ...], sink_tokens: int,
                   settings: GenerationSettings, options: QuantOptions, calibration: list[Example],
-                  label: str | None = None) -> QKVComm:
-    """A :class:`QKVComm` from command-line options; adaptive widths are profiled on ``calibration`` items."""
+                  label: str | None = None, match_calibration: list[Example] | None = None) -> QKVComm:
+    """A :class:`QKVComm` from command-line options; adaptive widths are profiled on ``calibration`` items, moment
+    matching (if on) is fitted on ``match_calibration`` (default: ``calibration``)."""
     quant = None if options.bits == 16 else KVQuantConfig(options.bits, options.bits, options.group_size)
     allocation = None
     if options.target_bits is not None and quant is not None:
         if not calibration:
             raise LayerSelectionError("adaptive bits need calibration items")
         allocation = profile_allocation(sender, receiver, calibration, layers, options.target_bits, quant,
-                                        options.sensitivity, sink_tokens=sink_tokens)
+                                        options.sensitivity, sink_tokens=sink_tokens, map_depth=options.map_depth)
     facts = FactsConfig(budget_tokens=options.facts_budget) if options.facts_budget else None
-    return QKVComm(sender, receiver, layers, quant, allocation, facts, None, sink_tokens, settings,
-                   name=label or "qkvcomm")
+    matcher = None
+    if options.match != "none":
+        pool = calibration if match_calibration is None else match_calibration
+        matcher = fit_matcher(sender, receiver, pool[: options.match_samples], layers, options.match)
+    return QKVComm(sender, receiver, layers, quant, allocation, facts, matcher, sink_tokens, settings,
+                   name=label or "qkvcomm", map_depth=options.map_depth)
+
+
+def fit_matcher(sender: LoadedModel, receiver: LoadedModel, calibration: list[Example], layers: tuple[int, ...],
+                mode: str) -> MomentMatcher:
+    """Moment matcher from both models' KV on the sender prompts of ``calibration`` items (never test items).
+
+    Sender statistics at ``layers``; receiver statistics at the layers they map to by relative depth.
+    """
+    if not calibration:
+        raise LayerSelectionError("moment matching needs calibration items")
+    contexts = [chat_ids(receiver.tokenizer, example.messages["sender"]) for example in calibration]
+    targets = sorted(set(layer_mapping(layers, sender.num_layers, receiver.num_layers).values()))
+    sender_stats = collect_model_statistics(sender, contexts, layers)
+    receiver_stats = collect_model_statistics(receiver, contexts, targets)
+    logger.info("moment matching (%s) fitted on %d calibration contexts", mode, len(contexts))
+    return MomentMatcher.fit(sender_stats, receiver_stats, mode=mode, layers=layers)  # type: ignore[arg-type]
 
 
 def environment() -> dict[str, str]:
@@ -184,7 +224,9 @@ def run(options: RunOptions, output_dir: Path, progress: bool = True,
     """Load, select, run and summarise one (task, method) cell into ``output_dir``."""
     task = get_task(options.task)
     split = task.load(options.data_dir)
-    sender, receiver = models or load_pair(options.sender, options.receiver, options.dtype, options.device)
+    allow_depth = options.method == "qkvcomm" and options.quant.map_depth
+    sender, receiver = models or load_pair(options.sender, options.receiver, options.dtype, options.device,
+                                           allow_depth=allow_depth)
     examples = split.test[: options.limit] if options.limit else split.test
     if options.answer_prefix:
         examples = [example.with_answer_prefix(options.answer_prefix) for example in examples]
@@ -197,7 +239,7 @@ def run(options: RunOptions, output_dir: Path, progress: bool = True,
     if options.method == "qkvcomm":
         calibration = split.calibration[: options.selection.calib_size]
         method = build_qkvcomm(sender, receiver, layers, options.sink_tokens, options.generation, options.quant,
-                               calibration)
+                               calibration, match_calibration=split.calibration[: options.quant.match_samples])
     else:
         method = build_method(options.method, sender, receiver, layers, options.sink_tokens, options.generation,
                               message_tokens=options.message_tokens, sender_aware=options.sender_aware,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from kvcomm import _hf
+from kvcomm.depth import nearest_sender_layer, receiver_sources
 from kvcomm.errors import LayerSelectionError, PromptError
 from kvcomm.models import Fingerprint, LoadedModel, check_compatible
 from kvcomm.quant import KVTensor, QuantizedTensor, as_tensor
@@ -81,11 +83,47 @@ def encode_context(
     return KVMessage(chosen, keys, values, sink_keys, sink_values, context_length, sink_tokens, sender.fingerprint)
 
 
-def receiver_cache(message: KVMessage, receiver: LoadedModel) -> _hf.ReceiverCache:
+def map_depth(message: KVMessage, receiver: Fingerprint) -> KVMessage:
+    """The message re-indexed for a receiver of another depth (layers paired by relative depth).
+
+    Each selected sender layer ``l`` lands on receiver layer ``round((l + 0.5)·L_r/L_s − 0.5)``; when several land
+    on one receiver layer the nearest in relative depth is kept (:func:`kvcomm.depth.receiver_sources`). Every other
+    receiver layer ``j`` gets the sink of the sender layer nearest to it. Tensors are shared, not copied; the
+    result's fingerprint is the sender's with the receiver's depth. The same message is returned for equal depths.
+    """
+    check_compatible(message.fingerprint, receiver, allow_depth=True)
+    sender_layers, receiver_layers = message.fingerprint.num_layers, receiver.num_layers
+    if sender_layers == receiver_layers:
+        return message
+    sources = receiver_sources(message.layers, sender_layers, receiver_layers)
+    sink_keys: dict[int, torch.Tensor] = {}
+    sink_values: dict[int, torch.Tensor] = {}
+    if message.sink_tokens:
+        for layer in range(receiver_layers):
+            if layer in sources:
+                continue
+            source = nearest_sender_layer(layer, sender_layers, receiver_layers)
+            if source in message.sink_keys:
+                sink_keys[layer], sink_values[layer] = message.sink_keys[source], message.sink_values[source]
+            else:  # the nearest sender layer was sent in full: its first tokens are the sink
+                sink = message.sink_tokens
+                sink_keys[layer] = as_tensor(message.keys[source])[..., :sink, :]
+                sink_values[layer] = as_tensor(message.values[source])[..., :sink, :]
+    return dataclasses.replace(
+        message, layers=tuple(sources), keys={j: message.keys[l] for j, l in sources.items()},
+        values={j: message.values[l] for j, l in sources.items()}, sink_keys=sink_keys, sink_values=sink_values,
+        fingerprint=dataclasses.replace(message.fingerprint, num_layers=receiver_layers),
+    )
+
+
+def receiver_cache(message: KVMessage, receiver: LoadedModel, cross_depth: bool = False) -> _hf.ReceiverCache:
     """A cache for ``receiver`` holding the message: full KV at selected layers, only the sink elsewhere.
 
     Every layer reports ``message.context_length`` tokens, so the receiver's positions start at ``|C|`` everywhere.
+    ``cross_depth``: a message from a model of another depth is first re-indexed with :func:`map_depth`.
     """
+    if cross_depth:
+        message = map_depth(message, receiver.fingerprint)
     check_compatible(message.fingerprint, receiver.fingerprint)
     device, dtype = receiver.device, receiver.dtype
     layers = []

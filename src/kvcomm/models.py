@@ -50,10 +50,14 @@ class Fingerprint:
     def from_dict(cls, data: dict[str, object]) -> "Fingerprint":
         return cls(**{name: data[name] for name in cls.__dataclass_fields__})  # type: ignore[arg-type]
 
-    def kv_mismatches(self, other: "Fingerprint") -> list[str]:
-        """Fields that differ in a way that makes the KV of ``self`` unusable by ``other`` (empty when compatible)."""
+    def kv_mismatches(self, other: "Fingerprint", allow_depth: bool = False) -> list[str]:
+        """Fields that differ in a way that makes the KV of ``self`` unusable by ``other`` (empty when compatible).
+
+        ``allow_depth``: a different number of layers is fine (the KV will be mapped by relative depth).
+        """
         problems = []
-        for name in ("num_layers", "num_kv_heads", "head_dim", "rope", "vocab_size", "tokenizer_hash"):
+        names = ("num_layers", "num_kv_heads", "head_dim", "rope", "vocab_size", "tokenizer_hash")
+        for name in names[1:] if allow_depth else names:
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 problems.append(f"{name}: sender {mine} vs receiver {theirs}")
@@ -115,10 +119,15 @@ def fingerprint_of(model_id: str, model: PreTrainedModel, tokenizer: PreTrainedT
     )
 
 
-def check_compatible(sender: Fingerprint, receiver: Fingerprint) -> None:
-    """Raise :class:`IncompatibleModelsError` unless the sender's KV can be attended to by the receiver."""
-    problems = sender.kv_mismatches(receiver)
+def check_compatible(sender: Fingerprint, receiver: Fingerprint, allow_depth: bool = False) -> None:
+    """Raise :class:`IncompatibleModelsError` unless the sender's KV can be attended to by the receiver.
+
+    ``allow_depth``: accept models of different depth (KV heads, head_dim, RoPE and tokenizer must still match).
+    """
+    problems = sender.kv_mismatches(receiver, allow_depth)
     if problems:
+        if not allow_depth and [p for p in problems if p.startswith("num_layers")] == problems:
+            problems = [*problems, "map the layers by relative depth with --map-depth (map_depth=True)"]
         raise IncompatibleModelsError(
             f"sender {sender.model_id!r} and receiver {receiver.model_id!r} cannot share KV: " + "; ".join(problems)
         )

@@ -40,7 +40,6 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
@@ -48,7 +47,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvcomm.errors import CalibrationError, LayerSelectionError
+from kvcomm.depth import layer_map, layer_mapping
+from kvcomm.errors import CalibrationError
 from kvcomm.message import KVMessage, encode_context
 from kvcomm.models import LoadedModel
 
@@ -251,25 +251,6 @@ def collect_model_statistics(model: LoadedModel, contexts: Iterable[torch.Tensor
     """
     messages = (encode_context(model, ids, tuple(layers), sink_tokens=0) for ids in contexts)
     return collect_statistics(messages, model.num_layers, model.fingerprint.model_id)
-
-
-def layer_map(layer: int, sender_layers: int, receiver_layers: int) -> int:
-    """Receiver layer for sender ``layer``: ``round((l + 0.5)·L_r/L_s − 0.5)`` (KVComm's proportional map).
-
-    Computed exactly in rationals; ties round to the even layer (Python's ``round``). The identity when
-    ``L_s == L_r``.
-    """
-    if sender_layers < 1 or receiver_layers < 1:
-        raise LayerSelectionError(f"model depths must be >= 1, got sender {sender_layers}, receiver {receiver_layers}")
-    if not 0 <= layer < sender_layers:
-        raise LayerSelectionError(f"layer {layer} is out of range for a {sender_layers}-layer sender")
-    position = (Fraction(layer) + Fraction(1, 2)) * Fraction(receiver_layers, sender_layers) - Fraction(1, 2)
-    return min(max(round(position), 0), receiver_layers - 1)
-
-
-def layer_mapping(layers: Iterable[int], sender_layers: int, receiver_layers: int) -> dict[int, int]:
-    """``{sender layer: receiver layer}`` by :func:`layer_map` for every layer of ``layers``."""
-    return {int(layer): layer_map(int(layer), sender_layers, receiver_layers) for layer in sorted(set(layers))}
 
 
 @dataclass

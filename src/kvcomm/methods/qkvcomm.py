@@ -42,7 +42,9 @@ class QKVComm:
     ``quant=None`` sends the KV at the model's dtype (still through the wire format); ``allocation`` gives per-layer
     key/value widths (adaptive), otherwise ``quant.key_bits``/``quant.value_bits`` apply to every layer (uniform).
     ``facts=None`` sends no text. ``matcher`` (a fitted :class:`~kvcomm.translate.MomentMatcher`) adapts the sender's
-    KV statistics to the receiver before quantization. The receiver prompt never carries the context text.
+    KV statistics to the receiver before quantization. ``map_depth`` lets a receiver of another depth take the KV:
+    the receiver re-indexes the decoded message by relative depth (:func:`kvcomm.message.map_depth`); ``layers`` are
+    then sender layer indices. The receiver prompt never carries the context text.
     """
 
     sender: LoadedModel
@@ -55,10 +57,11 @@ class QKVComm:
     sink_tokens: int = 1
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     name: str = "qkvcomm"
+    map_depth: bool = False
 
     def __post_init__(self) -> None:
-        check_compatible(self.sender.fingerprint, self.receiver.fingerprint)
-        self.layers = validate_layers(tuple(self.layers), self.receiver.num_layers)
+        check_compatible(self.sender.fingerprint, self.receiver.fingerprint, allow_depth=self.map_depth)
+        self.layers = validate_layers(tuple(self.layers), self.sender.num_layers)
         if self.allocation is not None and self.quant is None:
             raise ValueError("a bit allocation needs a quantization config (quant)")
 
@@ -91,7 +94,7 @@ class QKVComm:
         with stopwatch(self.receiver.device) as elapsed:
             message = wire.decode(packet.payload)
             check_window(self.receiver, message.context_length + query_ids.shape[-1] + budget, "context + question")
-            cache = receiver_cache(message, self.receiver)
+            cache = receiver_cache(message, self.receiver, cross_depth=self.map_depth)
             tokens = generate(self.receiver, query_ids, budget, self.settings, cache, message.context_length)
         costs = CostRecord(sender_prefill_tokens=message.context_length,
                            receiver_prefill_tokens=int(query_ids.shape[-1]), generated_tokens=len(tokens),
@@ -103,13 +106,14 @@ class QKVComm:
         return send_then_receive(self, example)
 
 
-def _next_token_kl(receiver: LoadedModel, query_ids: torch.Tensor, reference: torch.Tensor):
+def _next_token_kl(receiver: LoadedModel, query_ids: torch.Tensor, reference: torch.Tensor, cross_depth: bool = False):
     """A score for :func:`output_sensitivity`: KL(reference ‖ perturbed) of the receiver's next-token distribution."""
 
     def score(message: KVMessage) -> float:
         mask = torch.ones(1, message.context_length + query_ids.shape[-1], dtype=torch.long, device=receiver.device)
+        cache = receiver_cache(message, receiver, cross_depth=cross_depth)
         with torch.no_grad():
-            logits = receiver.model(input_ids=query_ids, attention_mask=mask, cache=receiver_cache(message, receiver),
+            logits = receiver.model(input_ids=query_ids, attention_mask=mask, cache=cache,
                                     logits_to_keep=1).logits[0, -1].float()
         return float(torch.sum(reference.exp() * (reference - logits.log_softmax(-1))))
 
@@ -119,8 +123,8 @@ def _next_token_kl(receiver: LoadedModel, query_ids: torch.Tensor, reference: to
 @torch.no_grad()
 def profile_allocation(sender: LoadedModel, receiver: LoadedModel, examples: list[Example], layers: tuple[int, ...],
                        target_bits: float, quant: KVQuantConfig | None = None, measure: str = "relative",
-                       keys_at_least_values: bool = False, sink_tokens: int = 1, rule: str = "solver"
-                       ) -> BitAllocation:
+                       keys_at_least_values: bool = False, sink_tokens: int = 1, rule: str = "solver",
+                       map_depth: bool = False) -> BitAllocation:
     """Per-layer widths from sensitivity profiling on calibration ``examples`` (never test items).
 
     ``measure``: ``"relative"`` — measured relative round-trip error at every width (keys and values apart);
@@ -128,6 +132,7 @@ def profile_allocation(sender: LoadedModel, receiver: LoadedModel, examples: lis
     by 4× per removed bit). ``rule="solver"`` meets ``target_bits`` exactly (element-weighted average);
     ``rule="rank"`` is the paper's 30/40/30 rank rule (most sensitive 30 % of layers at 8 bits, least sensitive 30 %
     at 4, the rest at ``int(target_bits)``; the same width for K and V; the average is whatever it comes to).
+    ``map_depth``: the receiver has another depth (see :class:`QKVComm`).
     """
     if rule not in ("solver", "rank"):
         raise ValueError(f"unknown allocation rule {rule!r}; choose solver or rank")
@@ -150,9 +155,10 @@ def profile_allocation(sender: LoadedModel, receiver: LoadedModel, examples: lis
             mask = torch.ones(1, message.context_length + query_ids.shape[-1], dtype=torch.long,
                               device=receiver.device)
             reference = receiver.model(input_ids=query_ids, attention_mask=mask,
-                                       cache=receiver_cache(message, receiver), logits_to_keep=1).logits[0, -1]
-            scores = output_sensitivity(message, _next_token_kl(receiver, query_ids, reference.float().log_softmax(-1)),
-                                        bits=2, config=quant)
+                                       cache=receiver_cache(message, receiver, cross_depth=map_depth),
+                                       logits_to_keep=1).logits[0, -1]
+            kl_score = _next_token_kl(receiver, query_ids, reference.float().log_softmax(-1), map_depth)
+            scores = output_sensitivity(message, kl_score, bits=2, config=quant)
             for layer, value in scores.items():
                 kl[layer] = kl.get(layer, 0.0) + value / len(examples) + 1e-9
         else:
