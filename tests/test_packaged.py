@@ -24,7 +24,9 @@ def test_packaged_fingerprint(packaged):
 def test_all_layers_shared_equals_single_model(packaged):
     example = get_task("demo").load().test[0]
     result = equivalence(packaged, packaged, example, max_new_tokens=12)
-    assert result.max_logit_diff < 1e-4
+    # fp32 over 30 layers: the split attention ([C] cached, then [Q]) sums in another order than one pass over [C;Q];
+    # measured 6.7e-05 to 1.2e-04 depending on the thread count, against logits of magnitude ~20
+    assert result.max_logit_diff < 5e-4
     assert result.tokens_equal and len(result.kvcomm_tokens) > 0
 
 

@@ -41,7 +41,8 @@ def _ratios(text: str) -> tuple[float, ...]:
 @app.command()
 def run(
     method: str = typer.Option(..., help="baseline, skyline, kvcomm, qkvcomm, kvcomm_s, ac, nld or cipher"),
-    task: str = typer.Option(..., help="demo, countries, tipsheets or hotpotqa"),
+    task: str = typer.Option(..., help="demo, countries, tipsheets, hotpotqa, qasper, musique, multifieldqa_en, "
+                             "twowikimqa or tmath"),
     sender: str = typer.Option(PACKAGED, help="hub id, local folder, .gguf file or smollm2-135m-instruct"),
     receiver: str = typer.Option(PACKAGED, help="hub id, local folder, .gguf file or smollm2-135m-instruct"),
     data_dir: Optional[Path] = typer.Option(None, help="folder with the task's data files"),
@@ -68,6 +69,8 @@ def run(
     message_tokens: int = typer.Option(256, help="nld/cipher: phase-1 message length"),
     sender_aware: bool = typer.Option(False, help="nld/cipher: sender summarises for another agent"),
     ac_combine: str = typer.Option("replace", help="ac: replace, sum or mean"),
+    max_input_tokens: Optional[int] = typer.Option(None, help="prompt budget for tasks that truncate long contexts "
+                                                   "(default: the receiver's window minus max new tokens)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="override the task's max new tokens"),
     do_sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
     temperature: float = typer.Option(1.0, help="sampling temperature"),
@@ -92,6 +95,7 @@ def run(
             quant=QuantOptions(bits, group_size, adaptive_bits, sensitivity, facts_budget, match, match_samples,
                                map_depth),
             message_tokens=message_tokens, sender_aware=sender_aware, ac_combine=ac_combine,
+            max_input_tokens=max_input_tokens,
         )
         summary = run_cell(options, output)
     except (KVCommError, ValueError) as error:
@@ -238,6 +242,17 @@ def demo(
     _compare("demo", model, None, limit, ratios, "", sink_tokens, 1, 1.0, dtype, device, output,
              title=f"demo: {limit} generated facts, {model} as both agents (score = gold string in the answer)")
 
+
+def _register_commands() -> None:
+    """``eval`` / ``report`` (evaluation harness) and ``serve`` / ``agent`` / ``topology`` (agent services)."""
+    from kvcomm import cli_eval
+    from kvcomm.service import cli as service_cli
+
+    cli_eval.register(app)
+    service_cli.register(app)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     app()

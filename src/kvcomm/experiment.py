@@ -24,6 +24,7 @@ from kvcomm.translate import MomentMatcher, collect_model_statistics
 from kvcomm.runner import run_items
 from kvcomm.selection import LayerScores, calibrate, layer_count, parse_layers, random_layers
 from kvcomm.tasks import Example, TaskSplit, get_task
+from kvcomm.tasks.truncate import fit_to_window
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class RunOptions:
     message_tokens: int = 256  # NLD / CIPHER phase-1 length (paper value)
     sender_aware: bool = False  # NLD / CIPHER: "summarise for another agent" sender instruction
     ac_combine: str = "replace"  # AC: replace | sum | mean
+    max_input_tokens: int | None = None  # prompt budget for truncating tasks (default: the receiver's window)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -230,6 +232,8 @@ def run(options: RunOptions, output_dir: Path, progress: bool = True,
     examples = split.test[: options.limit] if options.limit else split.test
     if options.answer_prefix:
         examples = [example.with_answer_prefix(options.answer_prefix) for example in examples]
+    examples = fit_to_window(examples, receiver.tokenizer, receiver.max_positions, options.max_input_tokens,
+                             task.truncate)
     layers: tuple[int, ...] = ()
     scores = None
     if options.method in ("kvcomm", "qkvcomm", "kvcomm_s"):
@@ -264,6 +268,7 @@ def compare_methods(sender: LoadedModel, receiver: LoadedModel, task_name: str, 
     examples = split.test[:limit] if limit else split.test
     if answer_prefix:
         examples = [example.with_answer_prefix(answer_prefix) for example in examples]
+    examples = fit_to_window(examples, receiver.tokenizer, receiver.max_positions, allowed=task.truncate)
     scores = calibrate_on_split(sender, receiver, split, selection)
     scores.save(Path(output_root) / "layer_scores.json")
     cells: list[tuple[str, Method, tuple[int, ...]]] = [

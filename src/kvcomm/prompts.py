@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from kvcomm.errors import PromptError
+
 QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
 MATH_INSTRUCTION = "Answer the math problem step by step."
 
@@ -22,6 +24,33 @@ def role_messages(context: str, question: str, instruction: str = QA_INSTRUCTION
         "skyline": SKYLINE_TEMPLATE.format(instruction=instruction, context=context, question=question),
         "baseline": BASELINE_TEMPLATE.format(instruction=instruction, question=question),
     }
+
+
+MATH_SKYLINE_TEMPLATE = "Instruction: {instruction} Hint: {hint} Question: {question}"
+MATH_SENDER_TEMPLATE = "Instruction: {instruction} Hint: {hint}"
+
+QA_TEMPLATE = "qa"
+MATH_TEMPLATE = "math"
+
+
+def math_role_messages(hint: str, question: str, instruction: str = MATH_INSTRUCTION) -> dict[str, str]:
+    """The four user messages of a TMATH item (spec §6): the sender and Skyline see ``Hint: {hint}``; the receiver
+    and Baseline messages are the QA ones (``Instruction: … Question: …``)."""
+    return {
+        "sender": MATH_SENDER_TEMPLATE.format(instruction=instruction, hint=hint),
+        "receiver": RECEIVER_TEMPLATE.format(instruction=instruction, question=question),
+        "skyline": MATH_SKYLINE_TEMPLATE.format(instruction=instruction, hint=hint, question=question),
+        "baseline": BASELINE_TEMPLATE.format(instruction=instruction, question=question),
+    }
+
+
+def template_messages(template: str, context: str, question: str, instruction: str) -> dict[str, str]:
+    """The four role messages of ``template`` (``"qa"`` or ``"math"``) for one item."""
+    if template == QA_TEMPLATE:
+        return role_messages(context, question, instruction)
+    if template == MATH_TEMPLATE:
+        return math_role_messages(context, question, instruction)
+    raise PromptError(f"unknown prompt template {template!r}; choose {QA_TEMPLATE!r} or {MATH_TEMPLATE!r}")
 
 
 def chat_text(tokenizer: PreTrainedTokenizerBase, message: str, answer_prefix: str = "") -> str:

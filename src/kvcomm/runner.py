@@ -11,7 +11,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvcomm.costs import CostRecord
+import torch
+
+from kvcomm.costs import CostRecord, peak_memory
 from kvcomm.errors import KVCommError
 from kvcomm.methods.base import Method
 from kvcomm.metrics import METRICS, score_all
@@ -22,6 +24,11 @@ logger = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
+
+
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of a ``predictions.jsonl`` by item id (a torn last line is dropped); empty when the file is missing."""
+    return _read_done(Path(path))
 
 
 def _read_done(path: Path) -> dict[str, dict[str, Any]]:
@@ -53,12 +60,26 @@ def _check_config(output_dir: Path, config: dict[str, Any]) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def method_device(method: Method) -> torch.device:
+    """The device whose memory :func:`predict_one` measures: the method's receiver's (CPU when it has none)."""
+    receiver = getattr(method, "receiver", None)
+    try:
+        return receiver.device if receiver is not None else torch.device("cpu")
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
 def predict_one(method: Method, example: Example) -> dict[str, Any]:
-    """One predictions row; a failing item scores 0 with its error recorded (never dropped)."""
+    """One predictions row; a failing item scores 0 with its error recorded (never dropped).
+
+    The row's ``costs.peak_memory_bytes`` is measured around the whole item (:func:`kvcomm.costs.peak_memory`).
+    """
     row: dict[str, Any] = {"id": example.id, "question": example.question, "context": example.context,
                            "gold": list(example.answers), "answer_prefix": example.answer_prefix}
     try:
-        output = method.answer(example)
+        with peak_memory(method_device(method)) as peak:
+            output = method.answer(example)
+        output.costs.peak_memory_bytes = peak.bytes
     except (KVCommError, RuntimeError, ValueError) as error:
         logger.warning("item %s failed: %s", example.id, error)
         row.update(answer="", scores={name: 0.0 for name in METRICS}, costs=CostRecord().to_dict(),
@@ -71,17 +92,25 @@ def predict_one(method: Method, example: Example) -> dict[str, Any]:
 
 
 def summarize(rows: Sequence[dict[str, Any]], task: str, method: str, metric: str) -> dict[str, Any]:
-    """Aggregate predictions rows into the metrics record."""
+    """Aggregate predictions rows into the metrics record: mean scores, ``costs`` (``mean_<field>`` of every
+    :class:`CostRecord` field) and ``totals`` (``total_<field>``); a field missing from older rows counts 0."""
     n = len(rows)
 
     def mean(values: list[float]) -> float:
         return statistics.fmean(values) if values else 0.0
 
-    metrics = {name: mean([row["scores"][name] for row in rows]) for name in METRICS}
+    def scores(row: dict[str, Any]) -> dict[str, float]:
+        # rows written before a metric was added are rescored from their answer and gold (failed items stay 0)
+        if all(name in row["scores"] for name in METRICS) or row.get("error"):
+            return row["scores"]
+        return score_all(row["answer"], row["gold"])
+
+    metrics = {name: mean([scores(row).get(name, 0.0) for row in rows]) for name in METRICS}
     cost_keys = CostRecord().to_dict().keys()
-    costs = {f"mean_{key}": mean([row["costs"][key] for row in rows]) for key in cost_keys}
+    costs = {f"mean_{key}": mean([row["costs"].get(key, 0) for row in rows]) for key in cost_keys}
+    totals = {f"total_{key}": sum(row["costs"].get(key, 0) for row in rows) for key in cost_keys}
     return {"task": task, "method": method, "n": n, "metric": metric, "score": metrics[metric],
-            "mean_kv_bytes": costs["mean_kv_bytes"], "metrics": metrics, "costs": costs,
+            "mean_kv_bytes": costs["mean_kv_bytes"], "metrics": metrics, "costs": costs, "totals": totals,
             "errors": sum(1 for row in rows if row.get("error")),
             "layers": next((row["layers"] for row in rows if row.get("layers") is not None), None)}
 

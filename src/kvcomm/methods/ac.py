@@ -25,7 +25,7 @@ from kvcomm.costs import CostRecord, stopwatch
 from kvcomm.errors import IncompatibleModelsError, KVCommError, LayerSelectionError
 from kvcomm.generation import GenerationSettings, decode, generate
 from kvcomm.message import check_window
-from kvcomm.methods.base import MethodOutput, max_new_tokens, send_then_receive
+from kvcomm.methods.base import MethodOutput, answer_flops, max_new_tokens, prefill_flops, send_then_receive
 from kvcomm.models import LoadedModel
 from kvcomm.prompts import chat_ids
 from kvcomm.tasks.base import Example
@@ -131,9 +131,12 @@ class AC:
         with stopwatch(self.receiver.device) as elapsed, self.injected(packet):
             tokens = generate(self.receiver, query_ids, budget, self.settings)
         # kv_bytes holds the bytes of the tensor sent (one activation vector), so costs stay comparable with KVComm
+        query_tokens = int(query_ids.shape[-1])
         costs = CostRecord(sender_prefill_tokens=packet.sender_prompt_tokens,
-                           receiver_prefill_tokens=int(query_ids.shape[-1]), generated_tokens=len(tokens),
-                           kv_bytes=packet.nbytes, receiver_seconds=elapsed[0])
+                           receiver_prefill_tokens=query_tokens, generated_tokens=len(tokens),
+                           kv_bytes=packet.nbytes, receiver_seconds=elapsed[0],
+                           sender_flops=prefill_flops(self.sender, packet.sender_prompt_tokens),
+                           receiver_flops=answer_flops(self.receiver, query_tokens, len(tokens), budget, self.settings))
         return MethodOutput(answer=decode(self.receiver, tokens), costs=costs)
 
     def answer(self, example: Example) -> MethodOutput:

@@ -11,7 +11,7 @@ from kvcomm.costs import CostRecord, stopwatch
 from kvcomm.errors import IncompatibleModelsError, PromptError
 from kvcomm.generation import GenerationSettings, decode, eos_ids, generate_from_embeds
 from kvcomm.message import check_window
-from kvcomm.methods.base import MethodOutput, max_new_tokens
+from kvcomm.methods.base import MethodOutput, answer_flops, max_new_tokens, model_dims
 from kvcomm.methods.debate import check_message_tokens, refine_message, sender_message
 from kvcomm.models import LoadedModel
 from kvcomm.prompts import chat_ids, chat_text
@@ -49,13 +49,15 @@ def nearest_tokens(model: LoadedModel, vectors: torch.Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def embedding_message(model: LoadedModel, input_ids: torch.Tensor, max_steps: int, temperature: float) -> torch.Tensor:
+def embedding_message(model: LoadedModel, input_ids: torch.Tensor, max_steps: int, temperature: float,
+                      ignore_eos: bool = False) -> torch.Tensor:
     """CIPHER message of ``model`` after the prompt ``input_ids`` ``[1, n]``: ``[m, hidden]``, ``m <= max_steps``.
 
     Each step: ``p = softmax(logits / temperature)`` ``[vocab]`` of the last position, message vector ``p @ E``
     ``[hidden]`` (model dtype); stop (that vector dropped) when its cosine-nearest vocabulary embedding is an EOS
     token. The vector is fed back as ``inputs_embeds`` ``[1, 1, hidden]`` on the model's KV cache (one prefill, then
     one position per step). As ``temperature → 0`` the vectors become the embeddings of the greedy tokens.
+    ``ignore_eos``: never stop early, always ``max_steps`` vectors (benchmarks comparing equal work).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -72,7 +74,7 @@ def embedding_message(model: LoadedModel, input_ids: torch.Tensor, max_steps: in
         probs = torch.softmax(output.logits[0, -1].float() / temperature, dim=-1)  # [vocab]
         vector = probs.to(weight.dtype) @ weight  # [hidden]
         nearest = int(((weight @ vector).float() / norms).argmax())  # |vector| is common to every row: cosine order
-        if nearest in stop:
+        if nearest in stop and not ignore_eos:
             break
         vectors.append(vector)
         if step + 1 == max_steps:
@@ -88,11 +90,12 @@ def embedding_message(model: LoadedModel, input_ids: torch.Tensor, max_steps: in
 @dataclass
 class EmbeddingMessage:
     """A phase-1 CIPHER message: ``vectors`` ``[m, hidden]`` at the model dtype, the prompt length it was generated
-    from and the seconds it took."""
+    from, the seconds and the analytic FLOPs it took."""
 
     vectors: torch.Tensor
     prompt_tokens: int
     seconds: float
+    flops: int = 0
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
@@ -114,8 +117,9 @@ class CIPHER:
     ``{others}``; the receiver generates the final answer from these ``inputs_embeds`` (task budget, answer prefix).
     Prompts are chat-wrapped with the receiver's tokenizer; sender and receiver must share the hidden size.
 
-    Costs: ``text_bytes`` = bytes of the sender's message vectors; prefill tokens and generated tokens as for NLD
-    (the refine prefill counts every position, spliced vectors included).
+    Costs: ``text_bytes`` = bytes of the sender's message vectors, ``text_tokens`` = their number; prefill tokens,
+    generated tokens and FLOPs as for NLD (the refine prefill counts every position, spliced vectors included; each
+    phase-1 step adds ``4·V·d`` for ``p @ E`` and the nearest-token search).
     """
 
     sender: LoadedModel
@@ -125,6 +129,7 @@ class CIPHER:
     temperature: float = 1.0
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     name: str = "cipher"
+    full_messages: bool = False  # phase-1 messages always message_tokens long (EOS ignored; benchmarks)
 
     def __post_init__(self) -> None:
         check_message_tokens(self.message_tokens)
@@ -139,8 +144,13 @@ class CIPHER:
         input_ids = chat_ids(self.receiver.tokenizer, message)
         check_window(model, input_ids.shape[-1] + self.message_tokens, f"the phase-1 prompt of {model.name}")
         with stopwatch(model.device) as elapsed:
-            vectors = embedding_message(model, input_ids, self.message_tokens, self.temperature)
-        return EmbeddingMessage(vectors=vectors, prompt_tokens=int(input_ids.shape[-1]), seconds=elapsed[0])
+            vectors = embedding_message(model, input_ids, self.message_tokens, self.temperature, self.full_messages)
+        prompt_tokens, produced = int(input_ids.shape[-1]), int(vectors.shape[0])
+        flops = answer_flops(model, prompt_tokens, produced, self.message_tokens, GREEDY)
+        # every step also mixes the embedding matrix (p @ E) and finds the nearest row (E @ v): 2·2·V·d
+        steps = min(produced + 1, self.message_tokens)
+        flops += 4 * model_dims(model).lm_head_params * steps
+        return EmbeddingMessage(vectors=vectors, prompt_tokens=prompt_tokens, seconds=elapsed[0], flops=flops)
 
     def send(self, example: Example) -> EmbeddingMessage:
         """Phase 1, sender side."""
@@ -185,8 +195,12 @@ class CIPHER:
             receiver_prefill_tokens=own.prompt_tokens + int(embeds.shape[1]),
             generated_tokens=len(others) + len(own) + len(tokens),
             text_bytes=others.nbytes,
+            text_tokens=len(others),
             sender_seconds=others.seconds,
             receiver_seconds=own.seconds + elapsed[0],
+            sender_flops=others.flops,
+            receiver_flops=own.flops + answer_flops(self.receiver, int(embeds.shape[1]), len(tokens), budget,
+                                                    self.settings),
         )
         return MethodOutput(answer=decode(self.receiver, tokens), costs=costs)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvcomm.costs import CostRecord, stopwatch
+from kvcomm.costs import stopwatch
 from kvcomm.generation import GenerationSettings, decode, generate
 from kvcomm.message import KVMessage, check_window, encode_context, receiver_cache, validate_layers
-from kvcomm.methods.base import MethodOutput, max_new_tokens, send_then_receive
+from kvcomm.methods.base import MethodOutput, kv_costs, max_new_tokens, send_then_receive
 from kvcomm.models import LoadedModel, check_compatible
 from kvcomm.prompts import chat_ids
 from kvcomm.tasks.base import Example
@@ -48,9 +48,8 @@ class KVComm:
         with stopwatch(self.receiver.device) as elapsed:
             cache = receiver_cache(message, self.receiver)
             tokens = generate(self.receiver, query_ids, budget, self.settings, cache, message.context_length)
-        costs = CostRecord(sender_prefill_tokens=message.context_length,
-                           receiver_prefill_tokens=int(query_ids.shape[-1]), generated_tokens=len(tokens),
-                           kv_bytes=message.nbytes, receiver_seconds=elapsed[0])
+        costs = kv_costs(self.sender, self.receiver, message, int(query_ids.shape[-1]), tokens, budget, self.settings,
+                         elapsed[0])
         return MethodOutput(answer=decode(self.receiver, tokens), costs=costs, layers=message.layers)
 
     def answer(self, example: Example) -> MethodOutput:

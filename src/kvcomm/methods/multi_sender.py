@@ -13,7 +13,7 @@ from kvcomm.costs import stopwatch
 from kvcomm.errors import LayerSelectionError
 from kvcomm.generation import GenerationSettings
 from kvcomm.message import KVMessage, validate_layers
-from kvcomm.methods.base import MethodOutput, send_then_receive
+from kvcomm.methods.base import MethodOutput, prefill_flops
 from kvcomm.methods.kvcomm import KVComm
 from kvcomm.models import LoadedModel, check_compatible
 from kvcomm.multi import encode_senders, merge_messages
@@ -42,16 +42,26 @@ class MultiSenderKVComm:
         self._receiver_side = KVComm(self.senders[0], self.receiver, self.layers, self.sink_tokens, self.settings,
                                      name=self.name)
 
-    def send(self, example: Example) -> tuple[KVMessage, float]:
-        """All senders prefill their part; returns the merged message and the senders' total seconds."""
+    def _send_all(self, example: Example) -> tuple[list[KVMessage], KVMessage, float]:
         with stopwatch(self.senders[0].device) as elapsed:
             messages = encode_senders(self.senders, self.receiver.tokenizer, example, self.layers, self.sink_tokens)
             merged = merge_messages(messages)
-        return merged, elapsed[0]
+        return messages, merged, elapsed[0]
+
+    def send(self, example: Example) -> tuple[KVMessage, float]:
+        """All senders prefill their part; returns the merged message and the senders' total seconds."""
+        _, merged, seconds = self._send_all(example)
+        return merged, seconds
 
     def receive(self, message: KVMessage, example: Example) -> MethodOutput:
         """Receiver side: answer the receiver prompt attending to the merged message (as KVComm)."""
         return self._receiver_side.receive(message, example)
 
     def answer(self, example: Example) -> MethodOutput:
-        return send_then_receive(self, example)
+        """Send, then receive; the sender FLOPs are the sum of every sender's own prefill."""
+        messages, merged, seconds = self._send_all(example)
+        output = self.receive(merged, example)
+        output.costs.sender_seconds = seconds
+        output.costs.sender_flops = sum(prefill_flops(sender, message.context_length)
+                                        for sender, message in zip(self.senders, messages))
+        return output

@@ -11,11 +11,11 @@ import torch
 
 from kvcomm import wire
 from kvcomm.bitalloc import BitAllocation, allocate_bits, distortion_profile, output_sensitivity, rank_rule_bits
-from kvcomm.costs import CostRecord, stopwatch
+from kvcomm.costs import stopwatch
 from kvcomm.facts import FactsConfig, extract_facts, token_counter
 from kvcomm.generation import GenerationSettings, decode, generate
-from kvcomm.message import KVMessage, check_window, encode_context, receiver_cache, validate_layers
-from kvcomm.methods.base import MethodOutput, max_new_tokens, send_then_receive
+from kvcomm.message import KVMessage, check_window, encode_context, map_depth, receiver_cache, validate_layers
+from kvcomm.methods.base import MethodOutput, kv_costs, max_new_tokens, send_then_receive
 from kvcomm.models import LoadedModel, check_compatible
 from kvcomm.prompts import chat_ids, with_side_text
 from kvcomm.quant import KVQuantConfig, quantize_message
@@ -96,10 +96,12 @@ class QKVComm:
             check_window(self.receiver, message.context_length + query_ids.shape[-1] + budget, "context + question")
             cache = receiver_cache(message, self.receiver, cross_depth=self.map_depth)
             tokens = generate(self.receiver, query_ids, budget, self.settings, cache, message.context_length)
-        costs = CostRecord(sender_prefill_tokens=message.context_length,
-                           receiver_prefill_tokens=int(query_ids.shape[-1]), generated_tokens=len(tokens),
-                           kv_bytes=len(packet.payload), text_bytes=len(packet.facts.encode("utf-8")),
-                           receiver_seconds=elapsed[0])
+        mapped = map_depth(message, self.receiver.fingerprint) if self.map_depth else message
+        facts_tokens = (len(self.receiver.tokenizer(packet.facts, add_special_tokens=False).input_ids)
+                        if packet.facts else 0)
+        costs = kv_costs(self.sender, self.receiver, mapped, int(query_ids.shape[-1]), tokens, budget, self.settings,
+                         elapsed[0], kv_bytes=len(packet.payload), text_bytes=len(packet.facts.encode("utf-8")),
+                         text_tokens=facts_tokens)
         return MethodOutput(answer=decode(self.receiver, tokens), costs=costs, layers=message.layers)
 
     def answer(self, example: Example) -> MethodOutput:

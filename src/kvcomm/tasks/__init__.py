@@ -1,4 +1,10 @@
-"""Task registry: ``get_task(name)`` gives a :class:`Task` whose ``load(data_dir)`` returns test and calibration items."""
+"""Task registry: ``get_task(name)`` gives a :class:`Task` whose ``load(data_dir)`` returns test and calibration items.
+
+The eight tasks of the paper (``KVCOMM.md`` §7.1) plus the built-in ``demo``. ``metric`` is the primary metric (a key
+of :data:`kvcomm.metrics.METRICS`): the paper's binary ``f1_match`` for the QA tasks, ``rouge_l_recall`` for TMATH.
+``truncate`` mirrors the reference's ``truncate_input`` (long inputs are cut in the middle with
+:func:`kvcomm.tasks.truncate.truncate_example`).
+"""
 
 from __future__ import annotations
 
@@ -7,28 +13,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcomm.errors import TaskError
-from kvcomm.tasks import demo, paper
+from kvcomm.tasks import demo, longform, paper, tmath
 from kvcomm.tasks.base import Example, TaskSplit
+from kvcomm.tasks.truncate import truncate_example
 
 
 @dataclass(frozen=True)
 class Task:
-    """A named task: its loader, its primary metric and whether it needs ``--data-dir``."""
+    """A named task: its loader, its primary metric, whether it needs ``--data-dir`` and whether long inputs are
+    truncated (the reference's ``truncate_input``)."""
 
     name: str
     metric: str
-    loader: Callable[[Path | None], TaskSplit]
+    loader: Callable[[Path | str | None], TaskSplit]
     needs_data: bool = True
+    truncate: bool = False
 
     def load(self, data_dir: Path | str | None = None) -> TaskSplit:
-        return self.loader(Path(data_dir) if data_dir is not None else None)
+        """Test and calibration items; ``data_dir`` is a folder, an upstream file or ``hf:[id]`` (kept as text)."""
+        if data_dir is None:
+            return self.loader(None)
+        text = str(data_dir)
+        return self.loader(text if text.startswith("hf:") else Path(data_dir))
 
 
 TASKS: dict[str, Task] = {
     "demo": Task("demo", "contains", demo.load, needs_data=False),
-    "countries": Task("countries", "token_f1", paper.load_countries),
-    "tipsheets": Task("tipsheets", "token_f1", paper.load_tipsheets),
-    "hotpotqa": Task("hotpotqa", "token_f1", paper.load_hotpotqa),
+    "countries": Task("countries", "f1_match", paper.load_countries),
+    "tipsheets": Task("tipsheets", "f1_match", paper.load_tipsheets),
+    "hotpotqa": Task("hotpotqa", "f1_match", paper.load_hotpotqa, truncate=True),
+    "qasper": Task("qasper", "f1_match", longform.load_qasper, truncate=True),
+    "musique": Task("musique", "f1_match", longform.load_musique, truncate=True),
+    "multifieldqa_en": Task("multifieldqa_en", "f1_match", longform.load_multifieldqa_en, truncate=True),
+    "twowikimqa": Task("twowikimqa", "f1_match", longform.load_twowikimqa, truncate=True),
+    "tmath": Task("tmath", "rouge_l_recall", tmath.load_tmath, truncate=True),
 }
 
 
@@ -38,4 +56,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["Example", "Task", "TaskSplit", "TASKS", "get_task"]
+__all__ = ["Example", "Task", "TaskSplit", "TASKS", "get_task", "truncate_example"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvcomm.errors import PromptError, TaskError
-from kvcomm.prompts import QA_INSTRUCTION, role_messages
+from kvcomm.prompts import MATH_INSTRUCTION, MATH_TEMPLATE, QA_INSTRUCTION, QA_TEMPLATE, template_messages
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class Example:
 
     ``messages`` holds the four user messages of the paper's templates (``sender``, ``receiver``, ``skyline``,
     ``baseline``). ``answer_prefix`` is appended after the receiver's generation prompt (also for Skyline/Baseline).
+    ``template`` (``"qa"`` or ``"math"``) and ``instruction`` say how ``messages`` were built, so that a changed context
+    (e.g. a truncated one, :meth:`with_context`) rebuilds them the same way.
     """
 
     id: str
@@ -27,6 +30,8 @@ class Example:
     max_new_tokens: int = 48
     answer_prefix: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    template: str = QA_TEMPLATE
+    instruction: str = QA_INSTRUCTION
 
     def __post_init__(self) -> None:
         if not self.context.strip():
@@ -47,14 +52,35 @@ class Example:
     ) -> "Example":
         """An item with the paper's QA templates."""
         return cls(id=id, context=context, question=question, answers=tuple(answers),
-                   messages=role_messages(context, question, instruction), max_new_tokens=max_new_tokens,
-                   answer_prefix=answer_prefix)
+                   messages=template_messages(QA_TEMPLATE, context, question, instruction),
+                   max_new_tokens=max_new_tokens, answer_prefix=answer_prefix, template=QA_TEMPLATE,
+                   instruction=instruction)
+
+    @classmethod
+    def math(
+        cls,
+        hint: str,
+        problem: str,
+        answers: list[str] | tuple[str, ...] = (),
+        id: str = "item",
+        max_new_tokens: int = 256,
+        instruction: str = MATH_INSTRUCTION,
+    ) -> "Example":
+        """An item with the paper's TMATH templates: the sender gets ``Hint: {hint}``, the receiver the problem."""
+        return cls(id=id, context=hint, question=problem, answers=tuple(answers),
+                   messages=template_messages(MATH_TEMPLATE, hint, problem, instruction),
+                   max_new_tokens=max_new_tokens, template=MATH_TEMPLATE, instruction=instruction)
 
     def with_answer_prefix(self, prefix: str) -> "Example":
         """A copy whose answer prefix is ``prefix`` followed by the item's own prefix (if any)."""
         joined = (prefix.rstrip() + " " + self.answer_prefix).strip() if self.answer_prefix else prefix
-        return Example(self.id, self.context, self.question, self.answers, self.messages, self.max_new_tokens,
-                       joined, self.extra)
+        return dataclasses.replace(self, answer_prefix=joined)
+
+    def with_context(self, context: str, **extra: Any) -> "Example":
+        """A copy with a new ``context`` whose four messages are rebuilt from the item's template and instruction;
+        ``extra`` entries are added to (a copy of) ``self.extra``."""
+        messages = template_messages(self.template, context, self.question, self.instruction)
+        return dataclasses.replace(self, context=context, messages=messages, extra={**self.extra, **extra})
 
 
 @dataclass(frozen=True)
