@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--calib-size", type=int, default=2)
+    parser.add_argument("--no-references", action="store_true", help="skip the Baseline and Skyline cells")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sender, receiver = load_pair("smollm2-135m-instruct", "smollm2-135m-instruct", "bf16", "cpu")
@@ -70,7 +71,8 @@ def main() -> int:
         calibration = split.calibration[: args.calib_size]
         rows = results.setdefault(label, {})
         text_bytes = sum(len(e.context.encode()) for e in items) / len(items)
-        for name, method in (("baseline", Baseline(receiver)), ("skyline", Skyline(receiver))):
+        references = () if args.no_references else (("baseline", Baseline(receiver)), ("skyline", Skyline(receiver)))
+        for name, method in references:
             summary = run_items(method, items, args.output / label / name, task.name, task.metric,
                                 {"method": name, "limit": limit, "answer_prefix": prefix})
             rows[name] = {"score": summary["score"], "bytes": text_bytes if name == "skyline" else 0.0}

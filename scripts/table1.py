@@ -48,6 +48,8 @@ TASKS = {  # label: (task, test items, answer prefix)
     "tipsheets": ("tipsheets", 50, ""),
     "hotpotqa": ("hotpotqa", 50, "The answer is:"),
 }
+# CPU budget: HotpotQA answers capped at 16 new tokens (the task's 48 mostly add rambling after the answer)
+MAX_NEW_TOKENS = {"hotpotqa": 16}
 RATIOS = (0.3, 0.5, 0.7)
 CHUNK_CALIBRATION_ITEMS = 8
 MESSAGE_TOKENS = [256]  # NLD / CIPHER phase-1 length (paper value; --message-tokens)
@@ -119,7 +121,7 @@ def cells_for(label: str, sender: LoadedModel, receiver: LoadedModel, data_dir: 
     task = get_task(task_name)
     split = task.load(data_dir)
     items = [e.with_answer_prefix(prefix) if prefix else e for e in split.test[:limit]]
-    settings = GenerationSettings()
+    settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS.get(label))
     num_layers = receiver.num_layers
     cache: dict[str, object] = {}
 
@@ -196,7 +198,8 @@ def run_cells(args: argparse.Namespace) -> None:
                     continue
             drop_failed_rows(cell)
             method, items, info = cells[name]()
-            config = {"cell": name, "task": label, "message_tokens": MESSAGE_TOKENS[0], "limit": TASKS[label][1], "answer_prefix": TASKS[label][2],
+            config = {"cell": name, "task": label, "message_tokens": MESSAGE_TOKENS[0],
+                      "max_new_tokens": MAX_NEW_TOKENS.get(label), "limit": TASKS[label][1], "answer_prefix": TASKS[label][2],
                       "layers": list(info.get("layers", ())),
                       **{k: v for k, v in info.items() if k != "layers"}}
             run_items(method, items, cell, get_task(TASKS[label][0]).name, get_task(TASKS[label][0]).metric,

@@ -136,3 +136,14 @@ def test_real_hotpotqa_file_gives_500_two_sender_items():
     split = load_hotpotqa_two_senders(data_dir)
     assert len(split.test) == 500  # every paper test item has at least two supporting sentences (KVCOMM.md §7.1)
     assert all(len(item.extra["contexts"]) == 2 for item in split.test + split.calibration)
+
+
+def test_two_sender_task_is_registered():
+    from conftest import shared_data_dir
+    from kvcomm.tasks import get_task
+
+    split = get_task("hotpotqa_2senders").load(shared_data_dir())
+    item = split.test[0]
+    first, second = item.extra["contexts"]
+    assert item.context == first + "\n" + second
+    assert len(split.test) == 500 and not {e.id for e in split.test} & {e.id for e in split.calibration}

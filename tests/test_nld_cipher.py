@@ -180,3 +180,11 @@ def test_bad_settings_raise(tiny):
     wide.fingerprint = type(wide.fingerprint)(**{**wide.fingerprint.to_dict(), "hidden_size": 128})
     with pytest.raises(IncompatibleModelsError):
         CIPHER(tiny, wide)
+
+
+def test_full_messages_always_have_the_message_length(tiny):
+    from conftest import FACTS_EXAMPLE
+    from kvcomm.methods import CIPHER, NLD
+
+    assert len(NLD(tiny, tiny, message_tokens=7, full_messages=True).send(FACTS_EXAMPLE).tokens) == 7
+    assert len(CIPHER(tiny, tiny, message_tokens=7, full_messages=True).send(FACTS_EXAMPLE)) == 7

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcomm.errors import TaskError
-from kvcomm.tasks import demo, longform, paper, tmath
+from kvcomm.tasks import demo, longform, multi, paper, tmath
 from kvcomm.tasks.base import Example, TaskSplit
 from kvcomm.tasks.truncate import truncate_example
 
@@ -47,6 +47,8 @@ TASKS: dict[str, Task] = {
     "multifieldqa_en": Task("multifieldqa_en", "f1_match", longform.load_multifieldqa_en, truncate=True),
     "twowikimqa": Task("twowikimqa", "f1_match", longform.load_twowikimqa, truncate=True),
     "tmath": Task("tmath", "rouge_l_recall", tmath.load_tmath, truncate=True),
+    # HotpotQA items whose supporting facts are split in halves for two senders (extra["contexts"], spec §7.4)
+    "hotpotqa_2senders": Task("hotpotqa_2senders", "f1_match", multi.load_hotpotqa_two_senders, truncate=True),
 }
 
 
