@@ -237,15 +237,22 @@ def topology_run(
     limit: Optional[int] = typer.Option(None, "--limit", help="first N test items"),
     output: Optional[Path] = typer.Option(None, "--output", help="write per-item rows (JSON lines) here"),
     check: bool = typer.Option(False, "--check", help="compare with the in-process method (model agents only)"),
+    answer_prefix: str = typer.Option("", "--answer-prefix", help="text after the receivers' generation prompt"),
 ) -> None:
-    """Run a topology on a task's test items; prints one JSON row per item."""
+    """Run a topology on a task's test items; prints one JSON row per item (with each receiver's score under the
+    task's metric) and a per-receiver mean score."""
     from kvcomm.service.topology import (Topology, TopologyError, build_endpoints, default_loader, reference_rows,
                                          run_topology, topology_method)
     from kvcomm.tasks import get_task
 
+    from kvcomm.metrics import score_all
+
     topology = Topology.load(file)
-    examples = get_task(task).load(data_dir).test
+    task_spec = get_task(task)
+    examples = task_spec.load(data_dir).test
     examples = examples[:limit] if limit else examples
+    if answer_prefix:
+        examples = [example.with_answer_prefix(answer_prefix) for example in examples]
     loader = default_loader()
     rows = run_topology(topology_method(topology, build_endpoints(topology, loader)), examples)
     if check:
@@ -255,12 +262,21 @@ def topology_run(
         expected = {row["id"]: row["answers"] for row in reference_rows(topology, models, examples)}
         for row in rows:
             row["matches_in_process"] = row.get("answers") == expected[row["id"]]
+    totals: dict[str, list[float]] = {}
+    for row in rows:
+        if "answers" in row:
+            row["scores"] = {name: score_all(answer, row["gold"])[task_spec.metric]
+                             for name, answer in row["answers"].items()}
+            for name, value in row["scores"].items():
+                totals.setdefault(name, []).append(value)
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     for line in lines:
         typer.echo(line)
+    for name, values in totals.items():
+        typer.echo(f"{name}: {task_spec.metric} = {sum(values) / len(values):.3f} over {len(values)} items", err=True)
     failed = sum("error" in row for row in rows) + sum(row.get("matches_in_process") is False for row in rows)
     if failed:
         typer.echo(f"{failed} of {len(rows)} items failed or differ from the in-process method", err=True)
