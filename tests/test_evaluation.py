@@ -392,3 +392,30 @@ def test_cli_eval_and_report(model_dir, tmp_path):
     assert bad.exit_code == 2 and "unknown key(s) 'limt'" in bad.output
     missing = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "is not a folder" in missing.output
+
+
+# --- several senders and online recalibration in the grid -----------------------------------------------------------
+
+def _answers(root: Path, task: str, label: str) -> dict[str, str]:
+    rows = [json.loads(line) for line in (root / task / label / "predictions.jsonl").read_text().splitlines()]
+    return {row["id"]: row["answer"] for row in rows}
+
+
+def test_grid_runs_several_senders_and_online_recalibration(tmp_path):
+    from kvcomm.methods.multi_sender import MultiSenderKVComm
+    from kvcomm.tasks import get_task
+
+    model = tiny_llama(seed=12, max_positions=4096)
+    config = grid_config(tmp_path, tasks=["hotpotqa_2senders"], data_dir=str(shared_data_dir()), limit=2,
+                         methods=["kvcomm", "kvcomm_multi", "online"], ratios=[0.5], online_interval=100)
+    summaries = {s["method"]: s for s in run_grid(config, models=(model, model), progress=False, report=False)}
+    assert all(s["n"] == 2 and s["errors"] == 0 for s in summaries.values())
+    root = Path(config.output)
+    # online with an interval longer than the run keeps the initial (static) selection: the same answers as KVComm
+    assert _answers(root, "hotpotqa_2senders", "online-0.5") == _answers(root, "hotpotqa_2senders", "kvcomm-0.5")
+    # the several-senders cell answers as the method does with the layers it recorded
+    layers = tuple(summaries["kvcomm_multi-0.5"]["layers"])
+    direct = MultiSenderKVComm([model, model], model, layers, settings=config.generation)
+    items = get_task("hotpotqa_2senders").load(shared_data_dir()).test[:2]
+    assert _answers(root, "hotpotqa_2senders", "kvcomm_multi-0.5") == {e.id: direct.answer(e).answer for e in items}
+    assert (root / "hotpotqa_2senders" / "layer_scores_2_senders.json").is_file()

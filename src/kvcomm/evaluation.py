@@ -36,14 +36,18 @@ from kvcomm.methods.base import Method
 from kvcomm.models import DTYPES, LoadedModel
 from kvcomm.runner import CONFIG_FILE, METRICS_FILE, PREDICTIONS, read_predictions, run_items, summarize
 from kvcomm.selection import LayerScores, layer_count, random_layers
+from kvcomm.methods.multi_sender import MultiSenderKVComm
+from kvcomm.multi import calibrate_multi
+from kvcomm.online import OnlineKVComm
 from kvcomm.tasks.truncate import fit_to_window
 from kvcomm.tasks import Example, Task, TaskSplit, get_task
 
 logger = logging.getLogger(__name__)
 
 PACKAGED = "smollm2-135m-instruct"
-METHOD_CHOICES = (*METHODS, "random")
-RATIO_METHODS = ("kvcomm", "kvcomm_s", "qkvcomm", "random")  # one cell per selection ratio
+METHOD_CHOICES = (*METHODS, "random", "kvcomm_multi", "online")
+# one cell per selection ratio
+RATIO_METHODS = ("kvcomm", "kvcomm_s", "qkvcomm", "random", "kvcomm_multi", "online")
 CALIBRATED = ("kvcomm", "kvcomm_s", "qkvcomm")  # ratio cells whose layers come from the task's calibration
 TRACKERS = ("wandb", "mlflow")
 AC_COMBINES = ("replace", "sum", "mean")
@@ -116,6 +120,8 @@ class EvalConfig:
     message_tokens: int = 256
     sender_aware: bool = False
     ac_combines: list[str] = field(default_factory=lambda: ["replace"])
+    senders: int = 2  # kvcomm_multi: senders per item (items carry extra["contexts"], e.g. task hotpotqa_2senders)
+    online_interval: int = 10  # online: recalibrate every T items from the item being answered
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     quant: QuantOptions = field(default_factory=QuantOptions)
 
@@ -165,6 +171,8 @@ class EvalConfig:
             raise KVCommError(f"limit must be >= 1, got {self.limit}")
         if self.calib_size < 1:
             raise LayerSelectionError(f"calib_size must be >= 1, got {self.calib_size}")
+        if self.senders < 1 or self.online_interval < 1:
+            raise KVCommError(f"senders and online_interval must be >= 1, got {self.senders}, {self.online_interval}")
         if self.sink_tokens < 0:
             raise LayerSelectionError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
@@ -271,6 +279,10 @@ def cell_config(cell: Cell, config: EvalConfig, sender: LoadedModel, receiver: L
                           sigma=config.sigma)
         if cell.family == "qkvcomm":
             params["quant"] = asdict(config.quant)
+        if cell.family == "kvcomm_multi":
+            params["senders"] = config.senders
+        if cell.family == "online":
+            params["interval"] = config.online_interval
     elif cell.family in ("nld", "cipher"):
         params.update(message_tokens=config.message_tokens, sender_aware=config.sender_aware)
     elif cell.family == "ac":
@@ -370,6 +382,13 @@ class _Calibration:
             self.scores = task_scores(*self.args)
         return self.scores
 
+    def get_multi(self, senders: int) -> LayerScores:
+        """Several-sender scores (importance over every sender's context tokens) on the task's calibration items."""
+        sender, receiver, data, config, task_dir = self.args
+        scores = calibrate_multi([sender] * senders, receiver, data.calibration, config.alpha, config.mu, config.sigma)
+        scores.save(task_dir / f"layer_scores_{senders}_senders.json")
+        return scores
+
 
 def cell_layers(cell: Cell, config: EvalConfig, num_layers: int, calibration: _Calibration) -> tuple[int, ...]:
     """Shared layers of a ratio cell (calibrated top layers or a seeded random subset); ``()`` for other cells."""
@@ -377,7 +396,9 @@ def cell_layers(cell: Cell, config: EvalConfig, num_layers: int, calibration: _C
         return ()
     if cell.family == "random":
         return random_layers(num_layers, layer_count(cell.ratio, num_layers), config.seed)
-    return calibration.get().select(cell.ratio)
+    if cell.family == "kvcomm_multi":
+        return calibration.get_multi(config.senders).select(cell.ratio)
+    return calibration.get().select(cell.ratio)  # online: the initial selection
 
 
 def build_cell_method(cell: Cell, config: EvalConfig, sender: LoadedModel, receiver: LoadedModel,
@@ -386,6 +407,13 @@ def build_cell_method(cell: Cell, config: EvalConfig, sender: LoadedModel, recei
     if cell.method == "qkvcomm":
         method: Method = build_qkvcomm(sender, receiver, layers, config.sink_tokens, config.generation, config.quant,
                                        calibration, label=cell.label)
+    elif cell.method == "kvcomm_multi":
+        method = MultiSenderKVComm([sender] * config.senders, receiver, layers, config.sink_tokens, config.generation,
+                                   name=cell.label)
+    elif cell.method == "online":
+        method = OnlineKVComm(sender, receiver, cell.ratio, config.online_interval, config.alpha, config.mu,
+                              config.sigma, initial_layers=layers, sink_tokens=config.sink_tokens,
+                              settings=config.generation, name=cell.label)
     else:
         method = build_method(cell.method, sender, receiver, layers, config.sink_tokens, config.generation,
                               label=cell.label, message_tokens=config.message_tokens,
