@@ -37,12 +37,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def test_registry_names_metrics_and_truncation():
     assert set(TASKS) == {"demo", "countries", "tipsheets", "hotpotqa", "qasper", "musique", "multifieldqa_en",
-                          "twowikimqa", "tmath"}
+                          "twowikimqa", "tmath", "hotpotqa_2senders"}
     metrics = {name: task.metric for name, task in TASKS.items()}
     assert metrics.pop("demo") == "contains" and metrics.pop("tmath") == "rouge_l_recall"
     assert set(metrics.values()) == {"f1_match"}
     truncating = {name for name, task in TASKS.items() if task.truncate}
-    assert truncating == {"hotpotqa", "qasper", "musique", "multifieldqa_en", "twowikimqa", "tmath"}
+    assert truncating == {"hotpotqa", "qasper", "musique", "multifieldqa_en", "twowikimqa", "tmath",
+                          "hotpotqa_2senders"}
 
 
 def test_seed42_order_reproduces_the_hotpotqa_file():
