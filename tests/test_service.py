@@ -388,3 +388,23 @@ def test_cli_topology_run_in_process_checks_against_the_method(tiny_folder, tmp_
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [row["id"] for row in rows] == [item.id for item in ITEMS]
     assert all(row["matches_in_process"] and set(row["answers"]) == {"r"} for row in rows)
+
+
+def test_kvcomm_run_through_agent_services_equals_in_process(tiny, server, second_server, tmp_path):
+    from kvcomm.errors import LayerSelectionError
+    from kvcomm.experiment import RunOptions, SelectionOptions, run
+    from kvcomm.methods import KVComm
+    from kvcomm.tasks import get_task
+
+    options = RunOptions(method="kvcomm", task="demo", limit=2, sender_url=second_server.url,
+                         receiver_url=server.url, selection=SelectionOptions(layers="0,2"), agent_token="secret-x")
+    summary = run(options, tmp_path / "remote", progress=False)
+    assert summary["n"] == 2 and summary["errors"] == 0 and summary["layers"] == [0, 2]
+    rows = [json.loads(line) for line in (tmp_path / "remote" / "predictions.jsonl").read_text().splitlines()]
+    local = KVComm(tiny, tiny, (0, 2))
+    items = get_task("demo").load().test[:2]
+    assert [row["answer"] for row in rows] == [local.answer(item).answer for item in items]
+    assert "secret-x" not in (tmp_path / "remote" / "config.json").read_text()
+    with pytest.raises(LayerSelectionError, match="local models"):
+        run(RunOptions(method="kvcomm", task="demo", limit=1, sender_url=second_server.url, receiver_url=server.url,
+                       selection=SelectionOptions(ratio=0.5)), tmp_path / "calibrated", progress=False)

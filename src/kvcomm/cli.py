@@ -71,6 +71,9 @@ def run(
     ac_combine: str = typer.Option("replace", help="ac: replace, sum or mean"),
     max_input_tokens: Optional[int] = typer.Option(None, help="prompt budget for tasks that truncate long contexts "
                                                    "(default: the receiver's window minus max new tokens)"),
+    sender_url: Optional[str] = typer.Option(None, help="kvcomm between agent services: the sender's URL"),
+    receiver_url: Optional[str] = typer.Option(None, help="kvcomm between agent services: the receiver's URL"),
+    agent_token: Optional[str] = typer.Option(None, envvar="KVCOMM_TOKEN", help="bearer token of the agents"),
     max_new_tokens: Optional[int] = typer.Option(None, help="override the task's max new tokens"),
     do_sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
     temperature: float = typer.Option(1.0, help="sampling temperature"),
@@ -95,7 +98,8 @@ def run(
             quant=QuantOptions(bits, group_size, adaptive_bits, sensitivity, facts_budget, match, match_samples,
                                map_depth),
             message_tokens=message_tokens, sender_aware=sender_aware, ac_combine=ac_combine,
-            max_input_tokens=max_input_tokens,
+            max_input_tokens=max_input_tokens, sender_url=sender_url, receiver_url=receiver_url,
+            agent_token=agent_token,
         )
         summary = run_cell(options, output)
     except (KVCommError, ValueError) as error:

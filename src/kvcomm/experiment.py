@@ -101,6 +101,9 @@ class RunOptions:
     sender_aware: bool = False  # NLD / CIPHER: "summarise for another agent" sender instruction
     ac_combine: str = "replace"  # AC: replace | sum | mean
     max_input_tokens: int | None = None  # prompt budget for truncating tasks (default: the receiver's window)
+    sender_url: str | None = None  # kvcomm between agent services (kvcomm serve) instead of in-process models
+    receiver_url: str | None = None
+    agent_token: str | None = None  # bearer token of the agent services
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -224,6 +227,8 @@ def environment() -> dict[str, str]:
 def run(options: RunOptions, output_dir: Path, progress: bool = True,
         models: tuple[LoadedModel, LoadedModel] | None = None) -> dict[str, Any]:
     """Load, select, run and summarise one (task, method) cell into ``output_dir``."""
+    if options.sender_url or options.receiver_url:
+        return run_remote(options, output_dir, progress)
     task = get_task(options.task)
     split = task.load(options.data_dir)
     allow_depth = options.method == "qkvcomm" and options.quant.map_depth
@@ -250,6 +255,46 @@ def run(options: RunOptions, output_dir: Path, progress: bool = True,
                               ac_combine=options.ac_combine)
     config = {"options": options.to_dict(), "layers": list(layers),
               "fingerprints": {"sender": sender.fingerprint.to_dict(), "receiver": receiver.fingerprint.to_dict()}}
+    summary = run_items(method, examples, Path(output_dir), task.name, task.metric, config, progress=progress)
+    (Path(output_dir) / "environment.json").write_text(json.dumps(environment(), indent=2))
+    return summary
+
+
+def run_remote(options: RunOptions, output_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """One KVComm cell between two agent services (``kvcomm serve``): the sender service prefills, the receiver
+    service answers; the answers equal the in-process method's for the same models and layers. Layers: ``--layers``,
+    a seeded random subset (``--ratio r --selection random``) or all; calibrated selection needs local models."""
+    from kvcomm.service.client import AgentClient
+    from kvcomm.service.method import RemoteKVComm
+
+    if options.method != "kvcomm":
+        raise KVCommError(f"remote agents run the kvcomm method, not {options.method!r}")
+    if not (options.sender_url and options.receiver_url):
+        raise KVCommError("give both --sender-url and --receiver-url")
+    selection = options.selection
+    if selection.ratio is not None and selection.strategy == "kvcomm":
+        raise LayerSelectionError("calibrated selection needs local models; with remote agents give --layers or "
+                                  "--ratio with --selection random")
+    task = get_task(options.task)
+    examples = task.load(options.data_dir).test
+    examples = examples[: options.limit] if options.limit else examples
+    if options.answer_prefix:
+        examples = [example.with_answer_prefix(options.answer_prefix) for example in examples]
+    sender = AgentClient(options.sender_url, token=options.agent_token)
+    receiver = AgentClient(options.receiver_url, token=options.agent_token)
+    sender_print, receiver_print = sender.fingerprint(), receiver.fingerprint()
+    check_compatible(sender_print, receiver_print)
+    num_layers = receiver_print.num_layers
+    if selection.layers is not None:
+        layers = parse_layers(selection.layers, num_layers)
+    elif selection.ratio is not None:
+        layers = random_layers(num_layers, layer_count(selection.ratio, num_layers), selection.seed)
+    else:
+        layers = tuple(range(num_layers))
+    method = RemoteKVComm(sender, receiver, layers, options.sink_tokens, settings=options.generation, name="kvcomm")
+    saved = {**options.to_dict(), "agent_token": None}  # never write the token into the results folder
+    config = {"options": saved, "layers": list(layers),
+              "fingerprints": {"sender": sender_print.to_dict(), "receiver": receiver_print.to_dict()}}
     summary = run_items(method, examples, Path(output_dir), task.name, task.metric, config, progress=progress)
     (Path(output_dir) / "environment.json").write_text(json.dumps(environment(), indent=2))
     return summary
