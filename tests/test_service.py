@@ -408,3 +408,20 @@ def test_kvcomm_run_through_agent_services_equals_in_process(tiny, server, secon
     with pytest.raises(LayerSelectionError, match="local models"):
         run(RunOptions(method="kvcomm", task="demo", limit=1, sender_url=second_server.url, receiver_url=server.url,
                        selection=SelectionOptions(ratio=0.5)), tmp_path / "calibrated", progress=False)
+
+
+def test_eval_grid_through_agent_services_equals_in_process(tiny, server, second_server, tmp_path):
+    from kvcomm.evaluation import EvalConfig, run_grid
+
+    def grid(output, **remote):
+        config = EvalConfig(tasks=["demo"], methods=["kvcomm", "random"], ratios=[0.5], limit=2, dtype="fp32",
+                            output=str(output), generation={"max_new_tokens": 4}, **remote)
+        run_grid(config, models=(tiny, tiny), progress=False, report=False)
+        return {label: [json.loads(line)["answer"] for line in
+                        (output / "demo" / label / "predictions.jsonl").read_text().splitlines()]
+                for label in ("kvcomm-0.5", "random-0.5")}
+
+    local = grid(tmp_path / "local")
+    remote = grid(tmp_path / "remote", sender_url=second_server.url, receiver_url=server.url)
+    assert remote == local
+    assert json.loads((tmp_path / "remote" / "demo" / "kvcomm-0.5" / "config.json").read_text())["params"]["remote"]

@@ -62,6 +62,9 @@ def eval_command(
     message_tokens: Optional[int] = typer.Option(None, help="nld/cipher: phase-1 message length"),
     ac_combines: Optional[str] = typer.Option(None, help="ac: comma-separated rules (replace, sum, mean)"),
     tracking: Optional[str] = typer.Option(None, help="wandb, mlflow or none"),
+    sender_url: Optional[str] = typer.Option(None, help="kvcomm/random cells through agent services: sender URL "
+                                             "(serving --sender; token from $KVCOMM_TOKEN)"),
+    receiver_url: Optional[str] = typer.Option(None, help="kvcomm/random cells through agent services: receiver URL"),
     progress: bool = typer.Option(True, help="progress bars"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -76,7 +79,7 @@ def eval_command(
         data_dir=str(data_dir) if data_dir else None, limit=limit, answer_prefix=answer_prefix,
         output=str(output) if output else None, dtype=dtype, device=device, calib_size=calib_size,
         sink_tokens=sink_tokens, max_input_tokens=max_input_tokens, message_tokens=message_tokens,
-        ac_combines=ac_combines, tracking=tracking,
+        ac_combines=ac_combines, tracking=tracking, sender_url=sender_url, receiver_url=receiver_url,
     )
     try:
         settings = EvalConfig.from_yaml(config) if config else EvalConfig()

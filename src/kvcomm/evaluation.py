@@ -120,6 +120,8 @@ class EvalConfig:
     message_tokens: int = 256
     sender_aware: bool = False
     ac_combines: list[str] = field(default_factory=lambda: ["replace"])
+    sender_url: str | None = None  # kvcomm / random cells between agent services (kvcomm serve) of the same models
+    receiver_url: str | None = None
     senders: int = 2  # kvcomm_multi: senders per item (items carry extra["contexts"], e.g. task hotpotqa_2senders)
     online_interval: int = 10  # online: recalibrate every T items from the item being answered
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -171,6 +173,8 @@ class EvalConfig:
             raise KVCommError(f"limit must be >= 1, got {self.limit}")
         if self.calib_size < 1:
             raise LayerSelectionError(f"calib_size must be >= 1, got {self.calib_size}")
+        if bool(self.sender_url) != bool(self.receiver_url):
+            raise KVCommError("give both sender_url and receiver_url (or neither)")
         if self.senders < 1 or self.online_interval < 1:
             raise KVCommError(f"senders and online_interval must be >= 1, got {self.senders}, {self.online_interval}")
         if self.sink_tokens < 0:
@@ -281,6 +285,8 @@ def cell_config(cell: Cell, config: EvalConfig, sender: LoadedModel, receiver: L
             params["quant"] = asdict(config.quant)
         if cell.family == "kvcomm_multi":
             params["senders"] = config.senders
+        if config.receiver_url and cell.method == "kvcomm":
+            params["remote"] = True  # answered by the agent services (same answers as in process)
         if cell.family == "online":
             params["interval"] = config.online_interval
     elif cell.family in ("nld", "cipher"):
@@ -407,6 +413,8 @@ def build_cell_method(cell: Cell, config: EvalConfig, sender: LoadedModel, recei
     if cell.method == "qkvcomm":
         method: Method = build_qkvcomm(sender, receiver, layers, config.sink_tokens, config.generation, config.quant,
                                        calibration, label=cell.label)
+    elif cell.method == "kvcomm" and config.receiver_url:
+        method = remote_kvcomm(config, sender, receiver, layers, cell.label)
     elif cell.method == "kvcomm_multi":
         method = MultiSenderKVComm([sender] * config.senders, receiver, layers, config.sink_tokens, config.generation,
                                    name=cell.label)
@@ -420,6 +428,24 @@ def build_cell_method(cell: Cell, config: EvalConfig, sender: LoadedModel, recei
                               sender_aware=config.sender_aware, ac_combine=cell.ac_combine or "replace")
     method.name = cell.label
     return method
+
+
+def remote_kvcomm(config: EvalConfig, sender: LoadedModel, receiver: LoadedModel, layers: tuple[int, ...],
+                  label: str) -> Method:
+    """A KVComm cell answered by the agent services at ``config.sender_url`` / ``config.receiver_url``; they must
+    serve the grid's own models (their fingerprints are checked), whose calibration chose ``layers``."""
+    import os
+
+    from kvcomm.service.client import AgentClient
+    from kvcomm.service.method import RemoteKVComm
+
+    token = os.environ.get("KVCOMM_TOKEN")
+    agents = (AgentClient(config.sender_url, token=token), AgentClient(config.receiver_url, token=token))
+    for agent, model, role in zip(agents, (sender, receiver), ("sender", "receiver")):
+        if agent.fingerprint() != model.fingerprint:
+            raise KVCommError(f"the {role} service at {agent.base_url} does not serve the grid's {role} "
+                              f"{model.name!r}; start it with the same model")
+    return RemoteKVComm(agents[0], agents[1], layers, config.sink_tokens, settings=config.generation, name=label)
 
 
 def _version(package: str) -> str | None:
