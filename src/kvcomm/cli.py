@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from kvcomm.cli_common import fail, setup_logging
 from rich.console import Console
 
 from kvcomm.errors import KVCommError
@@ -18,17 +19,6 @@ console = Console(width=None if Console().is_terminal else 132)
 PACKAGED = "smollm2-135m-instruct"
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {error}")
-    raise typer.Exit(2)
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -83,7 +73,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run one method on one task and write predictions.jsonl, metrics.json and config.json."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from kvcomm.experiment import QuantOptions, RunOptions, SelectionOptions, run as run_cell
     from kvcomm.generation import GenerationSettings
     from kvcomm.report import summary_table
@@ -103,7 +93,7 @@ def run(
         )
         summary = run_cell(options, output)
     except (KVCommError, ValueError) as error:
-        _fail(error)
+        fail(error)
     console.print(summary_table([summary], title=f"{task} → {output}"))
     console.print(f"{summary['method']} on {summary['task']}: {summary['metric']} = {summary['score']:.3f} "
                   f"over {summary['n']} items, mean KV {summary['mean_kv_bytes'] / 1024:.1f} KiB"
@@ -127,7 +117,7 @@ def calibrate(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Compute, print and save the KVComm per-layer scores and the layers chosen at each ratio."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from kvcomm.experiment import SelectionOptions, calibrate_on_split, load_pair
     from kvcomm.report import plot_scores, scores_table
     from kvcomm.tasks import get_task
@@ -141,7 +131,7 @@ def calibrate(
         table = scores_table(scores, chosen_ratios)
         selections = {ratio: scores.select(ratio) for ratio in chosen_ratios}
     except (KVCommError, ValueError) as error:
-        _fail(error)
+        fail(error)
     scores.save(output / "layer_scores.json")
     plot_scores(scores, output / "layer_scores.png")
     console.print(table)
@@ -162,14 +152,14 @@ def check(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Verify a pair: compatibility, and that sharing every layer reproduces the single-model run."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from kvcomm.checks import equivalence
     from kvcomm.experiment import load_pair
 
     try:
         sender_model, receiver_model = load_pair(sender, receiver, dtype, device)
     except KVCommError as error:
-        _fail(error)
+        fail(error)
     console.print(f"compatible: {sender_model.fingerprint.model_id} → {receiver_model.fingerprint.model_id} "
                   f"({receiver_model.num_layers} layers, {receiver_model.fingerprint.num_kv_heads} KV heads, "
                   f"head dim {receiver_model.fingerprint.head_dim})")
@@ -202,7 +192,7 @@ def _compare(task: str, model: str, data_dir: Optional[Path], limit: Optional[in
                                     data_dir=str(data_dir) if data_dir else None, limit=limit,
                                     answer_prefix=answer_prefix, sink_tokens=sink_tokens, selection=selection)
     except (KVCommError, ValueError) as error:
-        _fail(error)
+        fail(error)
     (output / "summary.md").write_text(markdown_table(summaries))
     console.print(summary_table(summaries, title=title))
     console.print(f"results in {output}/ (summary.md, one folder per method)")
@@ -225,7 +215,7 @@ def compare(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Baseline, Skyline and calibrated KVComm at several ratios on one task, in one table."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     _compare(task, model, data_dir, limit, ratios, answer_prefix, sink_tokens, calib_size, alpha, dtype, device,
              output, title=f"{task}: {model} as both agents")
 
@@ -242,7 +232,7 @@ def demo(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Baseline, Skyline and KVComm at three ratios on the built-in facts task (no data files needed)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     _compare("demo", model, None, limit, ratios, "", sink_tokens, 1, 1.0, dtype, device, output,
              title=f"demo: {limit} generated facts, {model} as both agents (score = gold string in the answer)")
 

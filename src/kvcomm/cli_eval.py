@@ -3,11 +3,12 @@ both commands to a typer app."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from kvcomm.cli_common import fail, setup_logging
 from rich.columns import Columns
 from rich.console import Console
 
@@ -16,17 +17,6 @@ from kvcomm.errors import KVCommError
 console = Console(width=None if Console().is_terminal else 200)
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {error}")
-    raise typer.Exit(2)
 
 
 def _show(run_dir: Path, written: dict[str, Path]) -> None:
@@ -70,7 +60,7 @@ def eval_command(
 ) -> None:
     """Run a grid of tasks × methods × ratios for one sender/receiver pair (resumable), then print and save tables
     (results.md, results.csv) and plots (plots/*.png) in the run folder."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from kvcomm.evaluation import EvalConfig, run_grid
     from kvcomm.report import write_grid_report
 
@@ -91,7 +81,7 @@ def eval_command(
         run_grid(settings, progress=progress, report=False)
         written = write_grid_report(Path(settings.output))
     except (KVCommError, ValueError) as error:
-        _fail(error)
+        fail(error)
     _show(Path(settings.output), written)
 
 
@@ -100,12 +90,12 @@ def report_command(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Rebuild the tables (results.md, results.csv) and plots of grid runs from their saved folders."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from kvcomm.report import write_grid_report
 
     for run_dir in run_dirs:
         if not run_dir.is_dir():
-            _fail(KVCommError(f"{run_dir} is not a folder"))
+            fail(KVCommError(f"{run_dir} is not a folder"))
         _show(run_dir, write_grid_report(run_dir))
 
 

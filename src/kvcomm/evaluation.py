@@ -72,8 +72,13 @@ def _nested(cls: type, value: Any, what: str) -> Any:
         return value
     if value is None:
         return cls()
+    return _from_mapping(cls, value, what)
+
+
+def _from_mapping(cls: type, value: Any, what: str) -> Any:
+    """``cls(**value)`` for a mapping whose keys are all fields of the dataclass ``cls``; clear errors otherwise."""
     if not isinstance(value, dict):
-        raise KVCommError(f"{what} must be a mapping, got {value!r}")
+        raise KVCommError(f"{what} must be a mapping of keys to values, got {type(value).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - known)
     if unknown:
@@ -199,17 +204,7 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "the config") -> "EvalConfig":
         """From a mapping; unknown keys raise :class:`KVCommError` listing the valid ones."""
-        if not isinstance(data, dict):
-            raise KVCommError(f"{source} must be a mapping of keys to values, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise KVCommError(f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; valid keys: "
-                              f"{', '.join(sorted(known))}")
-        try:
-            return cls(**data)
-        except TypeError as error:
-            raise KVCommError(f"invalid {source}: {error}") from error
+        return _from_mapping(cls, data, source)
 
     @classmethod
     def from_yaml(cls, path: Path | str, **overrides: Any) -> "EvalConfig":

@@ -94,9 +94,9 @@ class QKVComm:
         with stopwatch(self.receiver.device) as elapsed:
             message = wire.decode(packet.payload)
             check_window(self.receiver, message.context_length + query_ids.shape[-1] + budget, "context + question")
-            cache = receiver_cache(message, self.receiver, cross_depth=self.map_depth)
+            mapped = map_depth(message, self.receiver.fingerprint) if self.map_depth else message
+            cache = receiver_cache(mapped, self.receiver)
             tokens = generate(self.receiver, query_ids, budget, self.settings, cache, message.context_length)
-        mapped = map_depth(message, self.receiver.fingerprint) if self.map_depth else message
         facts_tokens = (len(self.receiver.tokenizer(packet.facts, add_special_tokens=False).input_ids)
                         if packet.facts else 0)
         costs = kv_costs(self.sender, self.receiver, mapped, int(query_ids.shape[-1]), tokens, budget, self.settings,
