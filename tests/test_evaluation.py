@@ -21,7 +21,7 @@ import kvcomm.evaluation as evaluation
 from kvcomm.cli_eval import register
 from kvcomm.costs import CostRecord, peak_memory
 from kvcomm.errors import KVCommError, LayerSelectionError, TaskError
-from kvcomm.evaluation import EvalConfig, plan_cells, run_grid
+from kvcomm.evaluation import EvalConfig, cell_config, plan_cells, prepare_task, run_grid
 from kvcomm.generation import GenerationSettings
 from kvcomm.report import display_name, grid_cost_table, grid_score_table, load_grid, write_grid_report
 from tests.conftest import shared_data_dir, tiny_llama
@@ -108,6 +108,9 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("tracking: neptune\n", KVCommError, "tracking must be"),
     ("- a\n- b\n", KVCommError, "must be a mapping"),
     ("tasks: [demo\n", KVCommError, "not valid YAML"),
+    ("tasks: [demo]\ntask_settings: {countries: {max_new_tokens: 3}}\n", TaskError, "not in tasks"),
+    ("tasks: [demo]\ntask_settings: {demo: {max_tokens: 3}}\n", KVCommError, "may only hold"),
+    ("tasks: [demo]\ntask_settings: {demo: {max_new_tokens: 0}}\n", KVCommError, "positive integer"),
 ])
 def test_bad_config_files(tmp_path, text, error, message):
     path = tmp_path / "bad.yaml"
@@ -215,6 +218,34 @@ def test_local_data_task_and_truncation_hook(pair, tmp_path, monkeypatch):
     assert len(seen) == 4 and all(limit == 300 and same for _, limit, same in seen)  # 2 test + 2 calibration items
     assert not any(item.startswith("demo") for item, *_ in seen)
     assert json.loads((Path(config.output) / "countries" / "calibration.json").read_text())["calib_size"] == 2
+
+
+def test_task_settings_override_budgets_for_one_task_only(pair, tmp_path, monkeypatch):
+    seen = []
+
+    def truncate_example(example, tokenizer, max_input_tokens):
+        seen.append((example.id, max_input_tokens))
+        return example
+
+    import kvcomm.tasks
+    import kvcomm.tasks.truncate
+
+    monkeypatch.setattr(kvcomm.tasks.truncate, "truncate_example", truncate_example)
+    for name in ("demo", "countries"):
+        monkeypatch.setitem(kvcomm.tasks.TASKS, name, dataclasses.replace(kvcomm.tasks.get_task(name), truncate=True))
+    config = grid_config(tmp_path, tasks=["demo", "countries"], methods=["baseline"], limit=2,
+                         data_dir=str(shared_data_dir()), max_input_tokens=300,
+                         task_settings={"countries": {"max_input_tokens": 120, "max_new_tokens": 3}})
+    demo, countries = (prepare_task(name, config, pair[1]) for name in config.tasks)
+    assert {budget for item, budget in seen if item.startswith("demo")} == {300}
+    assert {budget for item, budget in seen if not item.startswith("demo")} == {120}
+    assert {example.max_new_tokens for example in countries.test} == {3}
+    assert {example.max_new_tokens for example in demo.test} == {kvcomm.tasks.get_task("demo").load(None).test[0]
+                                                                 .max_new_tokens}
+    cell = plan_cells(config)[-1]
+    resolved = cell_config(cell, config, *pair)
+    assert resolved["max_input_tokens"] == 120 and resolved["max_new_tokens"] == 3
+    assert "max_new_tokens" not in cell_config(plan_cells(config)[0], config, *pair)  # demo keeps its own
 
 
 # --- tables and plots ---------------------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ ENVIRONMENT_FILE = "environment.json"
 LAYER_SCORES = "layer_scores.json"
 CALIBRATION_FILE = "calibration.json"
 
+TASK_SETTING_KEYS = ("max_input_tokens", "max_new_tokens")
+
 
 def _as_list(value: Any, what: str) -> list[Any]:
     """A list from a list/tuple or a comma-separated string."""
@@ -98,7 +100,9 @@ class EvalConfig:
     ``kvcomm``, ``kvcomm_s``, ``qkvcomm`` and ``random`` give one cell per entry of ``ratios``; ``ac`` one cell per
     entry of ``ac_combines``. ``limit``: the first N test items of each task
     (``limits``: per task). ``max_input_tokens``: context budget
-    for tasks that support truncation. ``tracking``: ``wandb``, ``mlflow`` or ``None``.
+    for tasks that support truncation. ``task_settings``: per-task ``max_input_tokens`` / ``max_new_tokens`` that
+    override the global budget and the task's own answer length, e.g. ``{tmath: {max_new_tokens: 128}}``.
+    ``tracking``: ``wandb``, ``mlflow`` or ``None``.
     """
 
     sender: str = PACKAGED
@@ -115,6 +119,7 @@ class EvalConfig:
     calib_size: int = 1
     sink_tokens: int = 1
     max_input_tokens: int | None = None
+    task_settings: dict[str, dict[str, int]] = field(default_factory=dict)
     output: str = "runs/eval"
     tracking: str | None = None
     tracking_project: str = "kvcomm"
@@ -174,6 +179,7 @@ class EvalConfig:
         unknown = sorted(set(self.limits) - set(self.tasks))
         if unknown:
             raise TaskError(f"limits names task(s) {unknown} that are not in tasks {self.tasks}")
+        self._validate_task_settings()
         if self.limit is not None and self.limit < 1:
             raise KVCommError(f"limit must be >= 1, got {self.limit}")
         if self.calib_size < 1:
@@ -191,6 +197,28 @@ class EvalConfig:
         if self.tracking is not None and self.tracking not in TRACKERS:
             raise KVCommError(f"tracking must be one of {', '.join(TRACKERS)} or null, got {self.tracking!r}")
         SelectionOptions(calib_size=self.calib_size, alpha=self.alpha, mu=self.mu, sigma=self.sigma, seed=self.seed)
+
+    def _validate_task_settings(self) -> None:
+        if not isinstance(self.task_settings, dict):
+            raise KVCommError(f"task_settings must map task names to settings, got {self.task_settings!r}")
+        unknown = sorted(set(self.task_settings) - set(self.tasks))
+        if unknown:
+            raise TaskError(f"task_settings names task(s) {unknown} that are not in tasks {self.tasks}")
+        for task, settings in self.task_settings.items():
+            if not isinstance(settings, dict) or set(settings) - set(TASK_SETTING_KEYS):
+                raise KVCommError(f"task_settings.{task} may only hold {', '.join(TASK_SETTING_KEYS)}, "
+                                  f"got {settings!r}")
+            for key, value in settings.items():
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise KVCommError(f"task_settings.{task}.{key} must be a positive integer, got {value!r}")
+
+    def input_budget(self, task: str) -> int | None:
+        """The context budget in tokens for ``task``: its ``task_settings`` entry, else ``max_input_tokens``."""
+        return self.task_settings.get(task, {}).get("max_input_tokens", self.max_input_tokens)
+
+    def answer_budget(self, task: str) -> int | None:
+        """``task``'s max new tokens from ``task_settings`` (``None``: the task's own value)."""
+        return self.task_settings.get(task, {}).get("max_new_tokens")
 
     @property
     def selection(self) -> SelectionOptions:
@@ -288,12 +316,15 @@ def cell_config(cell: Cell, config: EvalConfig, sender: LoadedModel, receiver: L
         params.update(message_tokens=config.message_tokens, sender_aware=config.sender_aware)
     elif cell.family == "ac":
         params["ac_combine"] = cell.ac_combine
-    return {"task": cell.task, "label": cell.label, "family": cell.family, "method": cell.method, "params": params,
-            "answer_prefix": config.answer_prefix, "max_input_tokens": config.max_input_tokens,
-            "generation": asdict(config.generation), "dtype": config.dtype,
-            "sender": config.sender, "receiver": config.receiver,
-            "fingerprints": {"sender": sender.fingerprint.to_dict(), "receiver": receiver.fingerprint.to_dict()},
-            "layers": None if layers is None else list(layers)}
+    resolved = {"task": cell.task, "label": cell.label, "family": cell.family, "method": cell.method, "params": params,
+                "answer_prefix": config.answer_prefix, "max_input_tokens": config.input_budget(cell.task),
+                "generation": asdict(config.generation), "dtype": config.dtype,
+                "sender": config.sender, "receiver": config.receiver,
+                "fingerprints": {"sender": sender.fingerprint.to_dict(), "receiver": receiver.fingerprint.to_dict()},
+                "layers": None if layers is None else list(layers)}
+    if config.answer_budget(cell.task) is not None:
+        resolved["max_new_tokens"] = config.answer_budget(cell.task)
+    return resolved
 
 
 def _without_layers(config: dict[str, Any]) -> dict[str, Any]:
@@ -345,9 +376,13 @@ def prepare_task(name: str, config: EvalConfig, receiver: LoadedModel) -> TaskDa
     test = split.test[:limit] if limit else list(split.test)
     if config.answer_prefix:
         test = [example.with_answer_prefix(config.answer_prefix) for example in test]
-    test = fit_to_window(test, receiver.tokenizer, receiver.max_positions, config.max_input_tokens, task.truncate)
+    answer_budget = config.answer_budget(name)
+    if answer_budget is not None:
+        test = [dataclasses.replace(example, max_new_tokens=answer_budget) for example in test]
+    budget = config.input_budget(name)
+    test = fit_to_window(test, receiver.tokenizer, receiver.max_positions, budget, task.truncate)
     calibration = fit_to_window(list(split.calibration[: config.calib_size]), receiver.tokenizer,
-                                receiver.max_positions, config.max_input_tokens, task.truncate)
+                                receiver.max_positions, budget, task.truncate)
     return TaskData(task, test, calibration)
 
 
@@ -357,7 +392,7 @@ def task_scores(sender: LoadedModel, receiver: LoadedModel, data: TaskData, conf
     else calibrated and saved there (``layer_scores.json`` and ``calibration.json``)."""
     meta = {"calib_size": config.calib_size, "alpha": config.alpha, "mu": config.mu, "sigma": config.sigma,
             "calibration_ids": [example.id for example in data.calibration],
-            "max_input_tokens": config.max_input_tokens,
+            "max_input_tokens": config.input_budget(data.task.name),
             "fingerprints": {"sender": sender.fingerprint.to_dict(), "receiver": receiver.fingerprint.to_dict()}}
     scores_path, meta_path = task_dir / LAYER_SCORES, task_dir / CALIBRATION_FILE
     if scores_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
