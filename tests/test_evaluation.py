@@ -111,6 +111,9 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("tasks: [demo]\ntask_settings: {countries: {max_new_tokens: 3}}\n", TaskError, "not in tasks"),
     ("tasks: [demo]\ntask_settings: {demo: {max_tokens: 3}}\n", KVCommError, "may only hold"),
     ("tasks: [demo]\ntask_settings: {demo: {max_new_tokens: 0}}\n", KVCommError, "positive integer"),
+    ("tasks: [demo]\ntask_settings: {demo: {methods: [kvcomm, telepathy]}}\n", KVCommError,
+     "telepathy.*task_settings.demo.methods"),
+    ("tasks: [demo]\ntask_settings: {demo: {answer_prefix: 3}}\n", KVCommError, "must be text"),
 ])
 def test_bad_config_files(tmp_path, text, error, message):
     path = tmp_path / "bad.yaml"
@@ -246,6 +249,18 @@ def test_task_settings_override_budgets_for_one_task_only(pair, tmp_path, monkey
     resolved = cell_config(cell, config, *pair)
     assert resolved["max_input_tokens"] == 120 and resolved["max_new_tokens"] == 3
     assert "max_new_tokens" not in cell_config(plan_cells(config)[0], config, *pair)  # demo keeps its own
+
+
+def test_task_settings_choose_methods_and_answer_prefix_per_task(pair, tmp_path):
+    config = grid_config(tmp_path, tasks=["demo", "countries"], methods=["baseline", "kvcomm"], ratios=[0.5],
+                         limit=2, data_dir=str(shared_data_dir()), answer_prefix="The answer is:",
+                         task_settings={"countries": {"methods": ["skyline"], "answer_prefix": "Country:"}})
+    assert [(cell.task, cell.label) for cell in plan_cells(config)] == [
+        ("demo", "baseline"), ("demo", "kvcomm-0.5"), ("countries", "skyline")]
+    demo, countries = (prepare_task(name, config, pair[1]) for name in config.tasks)
+    assert all(example.answer_prefix.startswith("The answer is:") for example in demo.test)
+    assert {example.answer_prefix for example in countries.test} == {"Country:"}
+    assert cell_config(plan_cells(config)[-1], config, *pair)["answer_prefix"] == "Country:"
 
 
 # --- tables and plots ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from kvcomm.chunk import best_chunk
 from kvcomm.errors import KVCommError, LayerSelectionError, TaskError
 from kvcomm.experiment import (METHODS, QuantOptions, SelectionOptions, build_method, build_qkvcomm,
                                calibrate_on_split, load_pair)
@@ -45,9 +46,10 @@ from kvcomm.tasks import Example, Task, TaskSplit, get_task
 logger = logging.getLogger(__name__)
 
 PACKAGED = "smollm2-135m-instruct"
-METHOD_CHOICES = (*METHODS, "random", "kvcomm_multi", "online")
+METHOD_CHOICES = (*METHODS, "random", "contiguous", "kvcomm_multi", "online")
 # one cell per selection ratio
-RATIO_METHODS = ("kvcomm", "kvcomm_s", "qkvcomm", "random", "kvcomm_multi", "online")
+RATIO_METHODS = ("kvcomm", "kvcomm_s", "qkvcomm", "random", "contiguous", "kvcomm_multi", "online")
+LAYER_SUBSET_FAMILIES = ("random", "contiguous")  # KVComm with layers chosen another way
 CALIBRATED = ("kvcomm", "kvcomm_s", "qkvcomm")  # ratio cells whose layers come from the task's calibration
 TRACKERS = ("wandb", "mlflow")
 AC_COMBINES = ("replace", "sum", "mean")
@@ -56,7 +58,7 @@ ENVIRONMENT_FILE = "environment.json"
 LAYER_SCORES = "layer_scores.json"
 CALIBRATION_FILE = "calibration.json"
 
-TASK_SETTING_KEYS = ("max_input_tokens", "max_new_tokens")
+TASK_SETTING_KEYS = ("max_input_tokens", "max_new_tokens", "answer_prefix", "methods")
 
 
 def _as_list(value: Any, what: str) -> list[Any]:
@@ -96,12 +98,15 @@ def _from_mapping(cls: type, value: Any, what: str) -> Any:
 class EvalConfig:
     """Everything an evaluation grid needs; loadable from YAML (:meth:`from_yaml`) with overrides.
 
-    ``methods``: any of :data:`kvcomm.experiment.METHODS` plus ``random`` (KVComm with randomly chosen layers);
-    ``kvcomm``, ``kvcomm_s``, ``qkvcomm`` and ``random`` give one cell per entry of ``ratios``; ``ac`` one cell per
+    ``methods``: any of :data:`kvcomm.experiment.METHODS` plus ``random`` (KVComm with randomly chosen layers) and
+    ``contiguous`` (KVComm with the block of adjacent layers whose gold log-likelihood on ``chunk_calib_size``
+    calibration items is highest); ratio methods (:data:`RATIO_METHODS`) give one cell per entry of ``ratios``;
+    ``ac`` one cell per
     entry of ``ac_combines``. ``limit``: the first N test items of each task
     (``limits``: per task). ``max_input_tokens``: context budget
-    for tasks that support truncation. ``task_settings``: per-task ``max_input_tokens`` / ``max_new_tokens`` that
-    override the global budget and the task's own answer length, e.g. ``{tmath: {max_new_tokens: 128}}``.
+    for tasks that support truncation. ``task_settings``: per-task ``max_input_tokens``, ``max_new_tokens`` (over the
+    task's own answer length), ``answer_prefix`` and ``methods`` that override the global ones, e.g.
+    ``{tmath: {max_new_tokens: 128}, hotpotqa_2senders: {methods: [kvcomm_multi]}}``.
     ``tracking``: ``wandb``, ``mlflow`` or ``None``.
     """
 
@@ -117,6 +122,7 @@ class EvalConfig:
     limits: dict[str, int] = field(default_factory=dict)  # per-task limits that override ``limit``
     answer_prefix: str = ""
     calib_size: int = 1
+    chunk_calib_size: int = 8  # contiguous: calibration items that choose the block
     sink_tokens: int = 1
     max_input_tokens: int | None = None
     task_settings: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -158,13 +164,7 @@ class EvalConfig:
             get_task(task)  # raises TaskError naming the known tasks
         if len(set(self.tasks)) != len(self.tasks):
             raise TaskError(f"tasks has duplicates: {self.tasks}")
-        if not self.methods:
-            raise KVCommError(f"methods is empty; choose from {', '.join(METHOD_CHOICES)}")
-        bad = [method for method in self.methods if method not in METHOD_CHOICES]
-        if bad:
-            raise KVCommError(f"unknown method(s) {bad}; choose from {', '.join(METHOD_CHOICES)}")
-        if any(method in RATIO_METHODS for method in self.methods) and not self.ratios:
-            raise LayerSelectionError("ratios is empty but a ratio method (kvcomm, kvcomm_s, qkvcomm, random) is asked")
+        self._check_methods(self.methods, "methods")
         for ratio in self.ratios:
             if not 0 < ratio <= 1:
                 raise LayerSelectionError(f"ratio must be in (0, 1], got {ratio}")
@@ -182,8 +182,9 @@ class EvalConfig:
         self._validate_task_settings()
         if self.limit is not None and self.limit < 1:
             raise KVCommError(f"limit must be >= 1, got {self.limit}")
-        if self.calib_size < 1:
-            raise LayerSelectionError(f"calib_size must be >= 1, got {self.calib_size}")
+        if self.calib_size < 1 or self.chunk_calib_size < 1:
+            raise LayerSelectionError(f"calib_size and chunk_calib_size must be >= 1, got {self.calib_size}, "
+                                      f"{self.chunk_calib_size}")
         if bool(self.sender_url) != bool(self.receiver_url):
             raise KVCommError("give both sender_url and receiver_url (or neither)")
         if self.senders < 1 or self.online_interval < 1:
@@ -198,6 +199,15 @@ class EvalConfig:
             raise KVCommError(f"tracking must be one of {', '.join(TRACKERS)} or null, got {self.tracking!r}")
         SelectionOptions(calib_size=self.calib_size, alpha=self.alpha, mu=self.mu, sigma=self.sigma, seed=self.seed)
 
+    def _check_methods(self, methods: list[str], where: str) -> None:
+        if not methods:
+            raise KVCommError(f"{where} is empty; choose from {', '.join(METHOD_CHOICES)}")
+        bad = [method for method in methods if method not in METHOD_CHOICES]
+        if bad:
+            raise KVCommError(f"unknown method(s) {bad} in {where}; choose from {', '.join(METHOD_CHOICES)}")
+        if any(method in RATIO_METHODS for method in methods) and not self.ratios:
+            raise LayerSelectionError(f"ratios is empty but {where} asks a ratio method ({', '.join(RATIO_METHODS)})")
+
     def _validate_task_settings(self) -> None:
         if not isinstance(self.task_settings, dict):
             raise KVCommError(f"task_settings must map task names to settings, got {self.task_settings!r}")
@@ -209,12 +219,27 @@ class EvalConfig:
                 raise KVCommError(f"task_settings.{task} may only hold {', '.join(TASK_SETTING_KEYS)}, "
                                   f"got {settings!r}")
             for key, value in settings.items():
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise KVCommError(f"task_settings.{task}.{key} must be a positive integer, got {value!r}")
+                where = f"task_settings.{task}.{key}"
+                if key == "methods":
+                    settings[key] = [str(method) for method in _as_list(value, where)]
+                    self._check_methods(settings[key], where)
+                elif key == "answer_prefix":
+                    if not isinstance(value, str):
+                        raise KVCommError(f"{where} must be text, got {value!r}")
+                elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise KVCommError(f"{where} must be a positive integer, got {value!r}")
 
     def input_budget(self, task: str) -> int | None:
         """The context budget in tokens for ``task``: its ``task_settings`` entry, else ``max_input_tokens``."""
         return self.task_settings.get(task, {}).get("max_input_tokens", self.max_input_tokens)
+
+    def methods_for(self, task: str) -> list[str]:
+        """The method families run on ``task``: its ``task_settings`` list, else ``methods``."""
+        return self.task_settings.get(task, {}).get("methods", self.methods)
+
+    def prefix_for(self, task: str) -> str:
+        """The answer prefix of ``task``: its ``task_settings`` entry, else ``answer_prefix``."""
+        return self.task_settings.get(task, {}).get("answer_prefix", self.answer_prefix)
 
     def answer_budget(self, task: str) -> int | None:
         """``task``'s max new tokens from ``task_settings`` (``None``: the task's own value)."""
@@ -275,14 +300,14 @@ class Cell:
     @property
     def method(self) -> str:
         """The :data:`~kvcomm.experiment.METHODS` entry that runs this cell."""
-        return "kvcomm" if self.family == "random" else self.family
+        return "kvcomm" if self.family in LAYER_SUBSET_FAMILIES else self.family
 
 
 def plan_cells(config: EvalConfig) -> list[Cell]:
-    """Every cell of the grid, task by task, in the order of ``config.methods`` (ratios ascending as given)."""
+    """Every cell of the grid, task by task, in the order of the task's methods (ratios ascending as given)."""
     cells = []
     for task in config.tasks:
-        for family in config.methods:
+        for family in config.methods_for(task):
             if family in RATIO_METHODS:
                 cells.extend(Cell(task, family, f"{family}-{ratio:g}", ratio) for ratio in config.ratios)
             elif family == "ac":
@@ -301,6 +326,8 @@ def cell_config(cell: Cell, config: EvalConfig, sender: LoadedModel, receiver: L
         params.update(ratio=cell.ratio, sink_tokens=config.sink_tokens)
         if cell.family == "random":
             params.update(strategy="random", seed=config.seed)
+        elif cell.family == "contiguous":
+            params.update(strategy="contiguous", chunk_calib_size=config.chunk_calib_size)
         else:
             params.update(strategy="kvcomm", calib_size=config.calib_size, alpha=config.alpha, mu=config.mu,
                           sigma=config.sigma)
@@ -317,7 +344,7 @@ def cell_config(cell: Cell, config: EvalConfig, sender: LoadedModel, receiver: L
     elif cell.family == "ac":
         params["ac_combine"] = cell.ac_combine
     resolved = {"task": cell.task, "label": cell.label, "family": cell.family, "method": cell.method, "params": params,
-                "answer_prefix": config.answer_prefix, "max_input_tokens": config.input_budget(cell.task),
+                "answer_prefix": config.prefix_for(cell.task), "max_input_tokens": config.input_budget(cell.task),
                 "generation": asdict(config.generation), "dtype": config.dtype,
                 "sender": config.sender, "receiver": config.receiver,
                 "fingerprints": {"sender": sender.fingerprint.to_dict(), "receiver": receiver.fingerprint.to_dict()},
@@ -360,11 +387,13 @@ def finished_summary(cell_dir: Path, expected: dict[str, Any], example_ids: Sequ
 
 @dataclass
 class TaskData:
-    """A task's test items (limit, truncation and answer prefix applied) and calibration pool (truncated)."""
+    """A task's test items (limit, truncation and answer prefix applied), calibration pool (truncated) and the
+    items that choose a contiguous block (answer prefix applied, truncated; empty unless ``contiguous`` is asked)."""
 
     task: Task
     test: list[Example]
     calibration: list[Example]
+    chunk_calibration: list[Example] = field(default_factory=list)
 
 
 def prepare_task(name: str, config: EvalConfig, receiver: LoadedModel) -> TaskData:
@@ -374,8 +403,9 @@ def prepare_task(name: str, config: EvalConfig, receiver: LoadedModel) -> TaskDa
     split = task.load(config.data_dir)
     limit = config.limits.get(name, config.limit)
     test = split.test[:limit] if limit else list(split.test)
-    if config.answer_prefix:
-        test = [example.with_answer_prefix(config.answer_prefix) for example in test]
+    prefix = config.prefix_for(name)
+    if prefix:
+        test = [example.with_answer_prefix(prefix) for example in test]
     answer_budget = config.answer_budget(name)
     if answer_budget is not None:
         test = [dataclasses.replace(example, max_new_tokens=answer_budget) for example in test]
@@ -383,7 +413,13 @@ def prepare_task(name: str, config: EvalConfig, receiver: LoadedModel) -> TaskDa
     test = fit_to_window(test, receiver.tokenizer, receiver.max_positions, budget, task.truncate)
     calibration = fit_to_window(list(split.calibration[: config.calib_size]), receiver.tokenizer,
                                 receiver.max_positions, budget, task.truncate)
-    return TaskData(task, test, calibration)
+    chunk_items: list[Example] = []
+    if "contiguous" in config.methods_for(name):
+        chunk_items = list(split.calibration[: config.chunk_calib_size])
+        if prefix:
+            chunk_items = [example.with_answer_prefix(prefix) for example in chunk_items]
+        chunk_items = fit_to_window(chunk_items, receiver.tokenizer, receiver.max_positions, budget, task.truncate)
+    return TaskData(task, test, calibration, chunk_items)
 
 
 def task_scores(sender: LoadedModel, receiver: LoadedModel, data: TaskData, config: EvalConfig, task_dir: Path
@@ -418,6 +454,17 @@ class _Calibration:
             self.scores = task_scores(*self.args)
         return self.scores
 
+    def get_chunk(self, size: int) -> tuple[int, ...]:
+        """The best block of ``size`` adjacent layers on the task's chunk-calibration items (its per-start scores are
+        saved as ``chunk_<size>.json``)."""
+        sender, receiver, data, config, task_dir = self.args
+        choice = best_chunk(sender, receiver, data.chunk_calibration, size, config.sink_tokens)
+        task_dir.mkdir(parents=True, exist_ok=True)
+        (task_dir / f"chunk_{size}.json").write_text(json.dumps(
+            {"layers": list(choice.layers), "mean_gold_log_likelihood_by_start": choice.scores,
+             "calibration_ids": [example.id for example in data.chunk_calibration]}, indent=2))
+        return choice.layers
+
     def get_multi(self, senders: int) -> LayerScores:
         """Several-sender scores (importance over every sender's context tokens) on the task's calibration items."""
         sender, receiver, data, config, task_dir = self.args
@@ -432,6 +479,8 @@ def cell_layers(cell: Cell, config: EvalConfig, num_layers: int, calibration: _C
         return ()
     if cell.family == "random":
         return random_layers(num_layers, layer_count(cell.ratio, num_layers), config.seed)
+    if cell.family == "contiguous":
+        return calibration.get_chunk(layer_count(cell.ratio, num_layers))
     if cell.family == "kvcomm_multi":
         return calibration.get_multi(config.senders).select(cell.ratio)
     return calibration.get().select(cell.ratio)  # online: the initial selection

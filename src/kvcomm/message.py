@@ -39,6 +39,28 @@ class KVMessage:
         tensors = [*self.keys.values(), *self.values.values(), *self.sink_keys.values(), *self.sink_values.values()]
         return sum(t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size() for t in tensors)
 
+    def restrict(self, layers: tuple[int, ...] | list[int], sink_tokens: int = 1) -> "KVMessage":
+        """This message cut down to ``layers`` (a subset of :attr:`layers`); every other layer it holds keeps only
+        its first ``sink_tokens`` positions as a sink. Sends nothing new: one sender prefill serves many selections."""
+        chosen = tuple(sorted(set(int(layer) for layer in layers)))
+        missing = [layer for layer in chosen if layer not in self.keys]
+        if missing:
+            raise LayerSelectionError(f"layers {missing} are not in this message (it holds {list(self.layers)})")
+        if not 0 <= sink_tokens <= self.context_length:
+            raise LayerSelectionError(f"sink_tokens must be in [0, {self.context_length}], got {sink_tokens}")
+        if self.sink_keys and sink_tokens != self.sink_tokens:
+            raise LayerSelectionError(f"this message already keeps {self.sink_tokens} sink token(s); got {sink_tokens}")
+        dropped = [layer for layer in self.layers if layer not in chosen]
+        kept = dropped if sink_tokens else []
+        sinks = {layer: (as_tensor(self.keys[layer])[..., :sink_tokens, :],
+                         as_tensor(self.values[layer])[..., :sink_tokens, :]) for layer in kept}
+        return dataclasses.replace(
+            self, layers=chosen, keys={layer: self.keys[layer] for layer in chosen},
+            values={layer: self.values[layer] for layer in chosen},
+            sink_keys={**self.sink_keys, **{layer: pair[0] for layer, pair in sinks.items()}},
+            sink_values={**self.sink_values, **{layer: pair[1] for layer, pair in sinks.items()}},
+            sink_tokens=sink_tokens if dropped else self.sink_tokens)
+
 
 def validate_layers(layers: list[int] | tuple[int, ...], num_layers: int) -> tuple[int, ...]:
     """Sorted unique layer indices, each in ``[0, num_layers)``; raises :class:`LayerSelectionError` otherwise."""

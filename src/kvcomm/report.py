@@ -100,7 +100,8 @@ def paper_layout_table(columns: dict[str, Sequence[dict[str, Any]]], digits: int
 # Evaluation grids (kvcomm.evaluation): rebuild tables and plots from a run folder OUT/<task>/<label>/.
 
 FAMILY_NAMES = {"baseline": "Baseline", "skyline": "Skyline", "nld": "NLD", "cipher": "CIPHER", "ac": "AC",
-                "kvcomm": "KVComm", "random": "Random", "kvcomm_s": "KVComm-S", "qkvcomm": "Q-KVComm"}
+                "kvcomm": "KVComm", "random": "Random", "contiguous": "Contiguous", "kvcomm_s": "KVComm-S",
+                "qkvcomm": "Q-KVComm", "kvcomm_multi": "KVComm (several senders)", "online": "KVComm (online)"}
 FAMILY_ORDER = list(FAMILY_NAMES)
 REFERENCE_FAMILIES = ("baseline", "skyline")
 COST_COLUMNS = (  # (header, summary key in "costs", scale, format)
