@@ -3,6 +3,8 @@ truncation. Reads the real files of the shared data folder."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 import types
@@ -37,13 +39,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def test_registry_names_metrics_and_truncation():
     assert set(TASKS) == {"demo", "countries", "tipsheets", "hotpotqa", "qasper", "musique", "multifieldqa_en",
-                          "twowikimqa", "tmath", "hotpotqa_2senders"}
+                          "twowikimqa", "tmath", "hotpotqa_2senders", "musique_2senders", "twowikimqa_2senders"}
     metrics = {name: task.metric for name, task in TASKS.items()}
     assert metrics.pop("demo") == "contains" and metrics.pop("tmath") == "rouge_l_recall"
     assert set(metrics.values()) == {"f1_match"}
     truncating = {name for name, task in TASKS.items() if task.truncate}
     assert truncating == {"hotpotqa", "qasper", "musique", "multifieldqa_en", "twowikimqa", "tmath",
-                          "hotpotqa_2senders"}
+                          "hotpotqa_2senders", "musique_2senders", "twowikimqa_2senders"}
 
 
 def test_seed42_order_reproduces_the_hotpotqa_file():
@@ -328,6 +330,22 @@ def test_truncation_keeps_head_and_tail_and_fits():
     assert (cut.answer_prefix, cut.answers, cut.id) == ("It is", ("TAIL",), "long")
     assert truncate_example(example, tokenizer, before) is example  # fits: unchanged
     assert "truncated" not in example.extra
+
+
+def test_truncation_cuts_every_sender_part_to_the_same_fraction():
+    tokenizer = byte_tokenizer()
+    first, second = "A-START " + "alpha. " * 150 + " A-END", "B-START " + "beta gamma. " * 60 + " B-END"
+    item = dataclasses.replace(Example.qa(context=first + "\n" + second, question="Which?", answers=["A"], id="two"),
+                               extra={"contexts": [first, second]})
+    cut = truncate_example(item, tokenizer, 600)
+    kept, before = cut.extra["context_tokens"][1], cut.extra["context_tokens"][0]
+    parts = cut.extra["contexts"]
+    assert [len(part) for part in parts] == [len(first) * kept // before, len(second) * kept // before]
+    assert parts[0].startswith("A-START") and parts[0].endswith("A-END")
+    assert parts[1].startswith("B-START") and parts[1].endswith("B-END")
+    assert sum(len(part) for part in parts) <= kept
+    assert item.extra["contexts"] == [first, second]  # the original is untouched
+    assert "contexts" not in truncate_example(dataclasses.replace(item, extra={}), tokenizer, 600).extra
 
 
 def test_truncation_rebuilds_math_prompts_and_real_items():

@@ -1,6 +1,7 @@
 """Task registry: ``get_task(name)`` gives a :class:`Task` whose ``load(data_dir)`` returns test and calibration items.
 
-The eight tasks of the paper (``KVCOMM.md`` §7.1) plus the built-in ``demo``. ``metric`` is the primary metric (a key
+The eight tasks of the paper (``KVCOMM.md`` §7.1), the two-sender splits of HotpotQA, MuSiQue and 2WikiMQA
+(``*_2senders``, §7.4, :mod:`kvcomm.tasks.multi`) and the built-in ``demo``. ``metric`` is the primary metric (a key
 of :data:`kvcomm.metrics.METRICS`): the paper's binary ``f1_match`` for the QA tasks, ``rouge_l_recall`` for TMATH.
 ``truncate`` mirrors the reference's ``truncate_input`` (long inputs are cut in the middle with
 :func:`kvcomm.tasks.truncate.truncate_example`).
@@ -47,8 +48,10 @@ TASKS: dict[str, Task] = {
     "multifieldqa_en": Task("multifieldqa_en", "f1_match", longform.load_multifieldqa_en, truncate=True),
     "twowikimqa": Task("twowikimqa", "f1_match", longform.load_twowikimqa, truncate=True),
     "tmath": Task("tmath", "rouge_l_recall", tmath.load_tmath, truncate=True),
-    # HotpotQA items whose supporting facts are split in halves for two senders (extra["contexts"], spec §7.4)
+    # items whose supporting facts / passages are split in halves for two senders (extra["contexts"], spec §7.4)
     "hotpotqa_2senders": Task("hotpotqa_2senders", "f1_match", multi.load_hotpotqa_two_senders, truncate=True),
+    "musique_2senders": Task("musique_2senders", "f1_match", multi.load_musique_two_senders, truncate=True),
+    "twowikimqa_2senders": Task("twowikimqa_2senders", "f1_match", multi.load_twowikimqa_two_senders, truncate=True),
 }
 
 

@@ -3,6 +3,7 @@
 All four use the QA templates (:func:`kvcomm.prompts.role_messages`): the sender gets the context, the receiver the
 question. ``data_dir`` may name the folder of ``shared/data`` (local files below), an upstream file in the original
 schema, or ``hf:[id]`` (see :mod:`kvcomm.tasks.sources`). "seed-42 order" is Hugging Face ``shuffle(seed=42)``.
+The two-sender splits of MuSiQue and 2WikiMQA (:mod:`kvcomm.tasks.multi`) reuse these sources and splits.
 
 Qasper (128 new tokens; gold = the answers)
     * local ``qasper_leval_23papers.jsonl`` (L-Eval's 23 Qasper papers, three of them listed twice; 184 questions):
@@ -36,7 +37,7 @@ MultiFieldQA-en (64 new tokens; LongBench schema, question = ``input``, or ``que
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ MUSIQUE_HF = "dgslibisey/MuSiQue"
 MUSIQUE_TEST_SIZE = 500
 MUSIQUE_MAX_NEW_TOKENS = 48
 MUSIQUE_FIELDS = ("id", "paragraphs", "question", "answer")
+MusiqueItems = Callable[[Sequence[dict[str, Any]], str], list[Example]]  # (rows, where) -> items
 
 LONGBENCH_HF = "Xnhyacinth/LongBench"
 LONGBENCH_FIELDS = ("context", "answers")
@@ -161,18 +163,27 @@ def load_qasper(data_dir: Path | str | None) -> TaskSplit:
 # --- MuSiQue --------------------------------------------------------------------------------------------------------
 
 
-def musique_item(row: dict[str, Any], where: str) -> Example | None:
-    """A MuSiQue item (sender = supporting paragraphs joined by newlines), or None without a supporting paragraph."""
+def musique_supporting(row: dict[str, Any], where: str) -> list[str]:
+    """The supporting paragraph texts (``is_supporting``) of a MuSiQue row, stripped, in paragraph order."""
     paragraphs = row["paragraphs"]
     if not isinstance(paragraphs, list) or not all(isinstance(p, dict) and "paragraph_text" in p for p in paragraphs):
         raise TaskError(f"{where}: item {row.get('id')}: 'paragraphs' must be a list of objects with "
                         "'paragraph_text' and 'is_supporting'")
-    supporting = [p["paragraph_text"].strip() for p in paragraphs if p.get("is_supporting")]
+    return [p["paragraph_text"].strip() for p in paragraphs if p.get("is_supporting")]
+
+
+def musique_answers(row: dict[str, Any]) -> list[str]:
+    """The gold answers of a MuSiQue row: ``[answer] + answer_aliases`` (empty aliases dropped)."""
+    return [row["answer"]] + [alias for alias in row.get("answer_aliases") or [] if alias]
+
+
+def musique_item(row: dict[str, Any], where: str) -> Example | None:
+    """A MuSiQue item (sender = supporting paragraphs joined by newlines), or None without a supporting paragraph."""
+    supporting = musique_supporting(row, where)
     if not supporting:
         return None
-    answers = [row["answer"]] + [alias for alias in row.get("answer_aliases") or [] if alias]
-    return Example.qa(context="\n".join(supporting), question=row["question"], answers=answers, id=str(row["id"]),
-                      max_new_tokens=MUSIQUE_MAX_NEW_TOKENS)
+    return Example.qa(context="\n".join(supporting), question=row["question"], answers=musique_answers(row),
+                      id=str(row["id"]), max_new_tokens=MUSIQUE_MAX_NEW_TOKENS)
 
 
 def _musique_items(rows: Sequence[dict[str, Any]], where: str) -> list[Example]:
@@ -183,23 +194,31 @@ def _musique_items(rows: Sequence[dict[str, Any]], where: str) -> list[Example]:
     return kept
 
 
-def load_musique(data_dir: Path | str | None) -> TaskSplit:
-    """MuSiQue: see the module docstring."""
-    source = resolve_source(data_dir, MUSIQUE_FILE, MUSIQUE_HF, "musique")
+def musique_split(data_dir: Path | str | None, items_of: MusiqueItems = _musique_items,
+                  task: str = "musique") -> TaskSplit:
+    """The MuSiQue test and calibration items of the module docstring, built by ``items_of(rows, where)`` from the
+    rows in the order given there (e.g. seed-42 order); ``items_of`` may skip rows, the sizes are cut afterwards.
+    ``task`` names the task in the error for a missing ``data_dir``."""
+    source = resolve_source(data_dir, MUSIQUE_FILE, MUSIQUE_HF, task)
     if source.kind == "local":
-        test = _musique_items(hf_shuffled(read_jsonl(source.path, MUSIQUE_FIELDS)), str(source.path))
+        test = items_of(hf_shuffled(read_jsonl(source.path, MUSIQUE_FIELDS)), str(source.path))
         train_path = source.path.parent / MUSIQUE_TRAIN_FILE
-        calibration = _musique_items(read_jsonl(train_path, MUSIQUE_FIELDS), str(train_path))
+        calibration = items_of(read_jsonl(train_path, MUSIQUE_FIELDS), str(train_path))
         return TaskSplit(test=test[:MUSIQUE_TEST_SIZE], calibration=calibration[:CALIBRATION_SIZE])
     if source.kind == "hf":
         where = f"hf:{source.dataset}"
-        test = _musique_items(hf_shuffled(load_hf_rows(source.dataset, None, "validation", MUSIQUE_FIELDS)), where)
-        train = _musique_items(hf_shuffled(load_hf_rows(source.dataset, None, "train", MUSIQUE_FIELDS)), where)
+        test = items_of(hf_shuffled(load_hf_rows(source.dataset, None, "validation", MUSIQUE_FIELDS)), where)
+        train = items_of(hf_shuffled(load_hf_rows(source.dataset, None, "train", MUSIQUE_FIELDS)), where)
         return TaskSplit(test=test[:MUSIQUE_TEST_SIZE], calibration=train[:CALIBRATION_SIZE])
     path = upstream_file(source, MUSIQUE_FILE)
-    items = _musique_items(hf_shuffled(read_records(path, MUSIQUE_FIELDS)), str(path))
+    items = items_of(hf_shuffled(read_records(path, MUSIQUE_FIELDS)), str(path))
     end = MUSIQUE_TEST_SIZE + CALIBRATION_SIZE
     return TaskSplit(test=items[:MUSIQUE_TEST_SIZE], calibration=items[MUSIQUE_TEST_SIZE:end])
+
+
+def load_musique(data_dir: Path | str | None) -> TaskSplit:
+    """MuSiQue: see the module docstring."""
+    return musique_split(data_dir)
 
 
 # --- LongBench (MultiFieldQA-en, 2WikiMQA) ----------------------------------------------------------------------------

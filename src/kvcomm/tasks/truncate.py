@@ -61,13 +61,24 @@ def truncate_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_i
             raise PromptError(f"item {example.id!r}: the prompts without their context already need about "
                               f"{total - before} tokens, more than max_input_tokens={max_input_tokens}")
         candidate = example.with_context(cut_middle(example.context, tokenizer, keep), truncated=True,
-                                         context_tokens=(before, keep))
+                                         context_tokens=(before, keep), **_cut_parts(example, tokenizer, keep, before))
         total = prompt_tokens(candidate, tokenizer)
         if total <= max_input_tokens:
             logger.debug("item %s: context cut from %d to %d tokens", example.id, before, keep)
             return candidate
         keep -= total - max_input_tokens
     raise PromptError(f"item {example.id!r}: could not cut the context to fit max_input_tokens={max_input_tokens}")
+
+
+def _cut_parts(example: Example, tokenizer: PreTrainedTokenizerBase, keep: int, before: int) -> dict[str, list[str]]:
+    """Several-sender items (``extra["contexts"]``): every part cut in the middle to the same kept fraction
+    ``keep / before`` as the whole context (at least one token each), so that the senders together send about as many
+    tokens as the truncated single context."""
+    parts = example.extra.get("contexts")
+    if not parts:
+        return {}
+    return {"contexts": [cut_middle(part, tokenizer, max(1, keep * len(tokenizer(part, add_special_tokens=False)
+                                                                         .input_ids) // before)) for part in parts]}
 
 
 def fit_to_window(examples: list[Example], tokenizer: PreTrainedTokenizerBase, window: int,
