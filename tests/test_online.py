@@ -25,12 +25,12 @@ ITEMS = [
 @pytest.fixture
 def spies(monkeypatch):
     """Counts scoring passes and generations; scoring returns a different ranking on every call."""
-    calls = {"importance": [], "generate": 0}
-    real_generate = kvcomm_module.generate
+    calls = {"importance": [], "generate": 0, "prefill": 0}
+    real_generate, real_encode = kvcomm_module.generate, kvcomm_module.encode_context
 
-    def importance(sender, receiver, example):
+    def importance(sender, receiver, example, message=None):
         calls["importance"].append(example.id)
-        values = attention_importance(sender, receiver, example)
+        values = attention_importance(sender, receiver, example, message)
         shift = len(calls["importance"])  # rotate so consecutive recalibrations pick different layers
         return values[shift % len(values):] + values[: shift % len(values)]
 
@@ -38,8 +38,13 @@ def spies(monkeypatch):
         calls["generate"] += 1
         return real_generate(*args, **kwargs)
 
+    def encode(*args, **kwargs):
+        calls["prefill"] += 1
+        return real_encode(*args, **kwargs)
+
     monkeypatch.setattr(online_module, "attention_importance", importance)
     monkeypatch.setattr(kvcomm_module, "generate", generate)
+    monkeypatch.setattr(kvcomm_module, "encode_context", encode)
     return calls
 
 
@@ -59,6 +64,7 @@ def test_interval_one_recomputes_the_layers_for_every_item_and_answers_once(tiny
     outputs = [method.answer(item) for item in ITEMS]
     assert spies["importance"] == ["b", "c"]  # item 0 uses the initial selection
     assert spies["generate"] == len(ITEMS)  # each item is answered exactly once
+    assert spies["prefill"] == len(ITEMS)  # and prefilled once by the sender, recalibration items too
     assert outputs[0].layers == (0, 2)
     for output, record in zip(outputs[1:], method.recalibrations):
         assert output.layers == record.layers == record.scores.select(0.5)
@@ -93,3 +99,17 @@ def test_invalid_settings_raise(tiny):
 def test_from_calibration_uses_the_static_calibration(tiny):
     method = OnlineKVComm.from_calibration(tiny, tiny, ITEMS[:1], ratio=0.5, interval=5)
     assert method.layers == method.initial_layers == calibrate(tiny, tiny, ITEMS[:1]).select(0.5)
+
+
+def test_importance_from_a_given_all_layer_message_equals_its_own_prefill(tiny):
+    from kvcomm.errors import LayerSelectionError
+    from kvcomm.message import encode_context
+    from kvcomm.prompts import chat_ids
+
+    item = ITEMS[0]
+    context = chat_ids(tiny.tokenizer, item.messages["sender"])
+    message = encode_context(tiny, context, range(tiny.num_layers), sink_tokens=1)
+    given = attention_importance(tiny, tiny, item, message)
+    assert given == pytest.approx(attention_importance(tiny, tiny, item), abs=1e-6)
+    with pytest.raises(LayerSelectionError, match="every layer"):
+        attention_importance(tiny, tiny, item, message.restrict((0, 1)))

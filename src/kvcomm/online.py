@@ -4,11 +4,12 @@ Items ``0 .. interval-1`` use the initial selection (from calibration items, giv
 ``interval`` items (item indices ``interval, 2·interval, …``) the current item is first scored with all layers shared
 (:func:`kvcomm.selection.attention_importance`, then :func:`kvcomm.selection.combine` with ``alpha``/``mu``/``sigma``),
 the top ``ceil(ratio·L)`` layers become the new selection, and the item is answered **once** with it (the reference
-code scores that item twice). Without an initial selection the first item is a recalibration item.
+code scores that item twice): the sender prefills it once with every layer, the receiver scores that message and then
+answers from the same message cut down to the new layers (:meth:`kvcomm.message.KVMessage.restrict`). Without an
+initial selection the first item is a recalibration item.
 
-Costs of a recalibration item: the scoring pass (sender all-layer prefill + receiver prefill) is added to
-``receiver_seconds``, and ``kv_bytes`` counts the all-layer KV that scoring needs to receive (the answer's subset
-could be sliced from it) instead of the subset alone.
+Costs of a recalibration item: ``sender_seconds`` is the all-layer prefill, the receiver's scoring pass is added to
+``receiver_seconds``, and ``kv_bytes`` counts the all-layer KV that scoring needs to receive.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from kvcomm.costs import stopwatch
 from kvcomm.errors import LayerSelectionError
 from kvcomm.generation import GenerationSettings
-from kvcomm.message import validate_layers
+from kvcomm.message import KVMessage, validate_layers
 from kvcomm.methods.base import MethodOutput
 from kvcomm.methods.kvcomm import KVComm
 from kvcomm.models import LoadedModel, check_compatible
@@ -91,10 +92,11 @@ class OnlineKVComm:
         """Whether item ``index`` (0-based position in the stream) recalibrates before being answered."""
         return self.layers is None or (index > 0 and index % self.interval == 0)
 
-    def recalibrate(self, example: Example) -> Recalibration:
-        """Score ``example`` with all layers shared and make the top layers the current selection."""
+    def recalibrate(self, example: Example, message: KVMessage | None = None) -> Recalibration:
+        """Score ``example`` with all layers shared and make the top layers the current selection (``message``: the
+        sender's all-layer KV of ``example`` when already computed; ``seconds`` counts the receiver's scoring only)."""
         with stopwatch(self.receiver.device) as elapsed:
-            importance = attention_importance(self.sender, self.receiver, example)
+            importance = attention_importance(self.sender, self.receiver, example, message)
             scores = combine(importance, self.alpha, self.mu, self.sigma, [example.id])
         layers = scores.select(self.ratio)
         record = Recalibration(self.items_seen, example.id, scores, layers, elapsed[0])
@@ -106,18 +108,19 @@ class OnlineKVComm:
 
     def answer(self, example: Example) -> MethodOutput:
         """Answer the next item of the stream (recalibrating first when it is due)."""
-        record = self.recalibrate(example) if self.due(self.items_seen) else None
-        layers = self.layers if self.layers is not None else ()
-        method = KVComm(self.sender, self.receiver, layers, self.sink_tokens, self.settings, name=self.name)
-        output = method.answer(example)
+        if not self.due(self.items_seen):
+            output = self._method(self.layers).answer(example)  # type: ignore[arg-type]
+            self.items_seen += 1
+            return output
+        everything = self._method(range(self.sender.num_layers))
+        message, sender_seconds = everything.send(example)  # one prefill serves scoring and answering
+        record = self.recalibrate(example, message)
+        output = self._method(record.layers).receive(message.restrict(record.layers, self.sink_tokens), example)
         self.items_seen += 1
-        if record is not None:
-            output.costs.receiver_seconds += record.seconds
-            output.costs.kv_bytes = self.all_layer_bytes(output.costs.sender_prefill_tokens)
+        output.costs.sender_seconds = sender_seconds
+        output.costs.receiver_seconds += record.seconds
+        output.costs.kv_bytes = message.nbytes  # scoring needs every layer's KV on the receiver
         return output
 
-    def all_layer_bytes(self, context_length: int) -> int:
-        """Bytes of the sender's K and V at every layer for ``context_length`` tokens (what scoring receives)."""
-        fingerprint = self.sender.fingerprint
-        per_token_layer = 2 * fingerprint.num_kv_heads * fingerprint.head_dim * self.sender.dtype.itemsize
-        return per_token_layer * context_length * fingerprint.num_layers
+    def _method(self, layers: Sequence[int]) -> KVComm:
+        return KVComm(self.sender, self.receiver, layers, self.sink_tokens, self.settings, name=self.name)

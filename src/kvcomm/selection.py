@@ -23,7 +23,7 @@ import torch
 
 from kvcomm import _hf
 from kvcomm.errors import LayerSelectionError
-from kvcomm.message import encode_context, receiver_cache, validate_layers
+from kvcomm.message import KVMessage, encode_context, receiver_cache, validate_layers
 from kvcomm.models import LoadedModel, check_compatible
 from kvcomm.prompts import chat_ids
 from kvcomm.tasks.base import Example
@@ -134,12 +134,19 @@ def combine(importance: Sequence[float], alpha: float = 1.0, mu: float = 0.5, si
 
 
 @torch.no_grad()
-def attention_importance(sender: LoadedModel, receiver: LoadedModel, example: Example) -> list[float]:
-    """Raw per-layer attention mass of the receiver prompt on the sender context (sink excluded), all layers shared."""
+def attention_importance(sender: LoadedModel, receiver: LoadedModel, example: Example,
+                         message: KVMessage | None = None) -> list[float]:
+    """Raw per-layer attention mass of the receiver prompt on the sender context (sink excluded), all layers shared.
+
+    ``message``: the sender's KV of ``example`` at every layer when the caller already has it (no second prefill)."""
     check_compatible(sender.fingerprint, receiver.fingerprint)
-    context_ids = chat_ids(receiver.tokenizer, example.messages["sender"])
     query_ids = chat_ids(receiver.tokenizer, example.messages["receiver"], example.answer_prefix)
-    message = encode_context(sender, context_ids, range(sender.num_layers), sink_tokens=0)
+    if message is None:
+        context_ids = chat_ids(receiver.tokenizer, example.messages["sender"])
+        message = encode_context(sender, context_ids, range(sender.num_layers), sink_tokens=0)
+    elif message.layers != tuple(range(sender.num_layers)):
+        raise LayerSelectionError(f"attention importance needs the KV of every layer; the message holds "
+                                  f"{list(message.layers)}")
     cache = receiver_cache(message, receiver)
     mask = torch.ones(1, message.context_length + query_ids.shape[-1], dtype=torch.long, device=receiver.device)
     with _hf.capture_context_attention(exclude_sink=True) as capture:
