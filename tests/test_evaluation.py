@@ -87,7 +87,8 @@ def grid_config(tmp_path, **changes) -> EvalConfig:
 def test_yaml_round_trip_and_overrides(tmp_path):
     config = EvalConfig(tasks=["demo", "countries"], methods=["baseline", "kvcomm", "ac", "random"], ratios=[0.3, 0.7],
                         limit=5, answer_prefix="The answer is:", calib_size=2, tracking=None, ac_combines=["sum"],
-                        generation=GenerationSettings(max_new_tokens=7), quant={"bits": 8})
+                        generation=GenerationSettings(max_new_tokens=7), quant={"bits": 8}, limits={"countries": 3},
+                        task_settings={"countries": {"methods": ["skyline"]}})
     path = tmp_path / "eval.yaml"
     config.to_yaml(path)
     loaded = EvalConfig.from_yaml(path)
@@ -95,6 +96,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     overridden = EvalConfig.from_yaml(path, limit=2, tasks="demo", ratios="0.5", answer_prefix=None)
     assert overridden.limit == 2 and overridden.tasks == ["demo"] and overridden.ratios == [0.5]
     assert overridden.answer_prefix == "The answer is:"  # None overrides nothing
+    assert [cell.label for cell in plan_cells(overridden)] == ["baseline", "kvcomm-0.5", "ac-sum", "random-0.5"]
+    assert overridden.limits == {"countries": 3}  # a subset of the file's tasks keeps its per-task entries
     labels = [cell.label for cell in plan_cells(config) if cell.task == "demo"]
     assert labels == ["baseline", "kvcomm-0.3", "kvcomm-0.7", "ac-sum", "random-0.3", "random-0.7"]
 
@@ -108,7 +111,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("tracking: neptune\n", KVCommError, "tracking must be"),
     ("- a\n- b\n", KVCommError, "must be a mapping"),
     ("tasks: [demo\n", KVCommError, "not valid YAML"),
-    ("tasks: [demo]\ntask_settings: {countries: {max_new_tokens: 3}}\n", TaskError, "not in tasks"),
+    ("tasks: [demo]\ntask_settings: {contries: {max_new_tokens: 3}}\n", TaskError, "task_settings: unknown task"),
+    ("tasks: [demo]\nlimits: {contries: 3}\n", TaskError, "limits: unknown task"),
     ("tasks: [demo]\ntask_settings: {demo: {max_tokens: 3}}\n", KVCommError, "may only hold"),
     ("tasks: [demo]\ntask_settings: {demo: {max_new_tokens: 0}}\n", KVCommError, "positive integer"),
     ("tasks: [demo]\ntask_settings: {demo: {methods: [kvcomm, telepathy]}}\n", KVCommError,

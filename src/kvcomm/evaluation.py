@@ -61,6 +61,16 @@ CALIBRATION_FILE = "calibration.json"
 TASK_SETTING_KEYS = ("max_input_tokens", "max_new_tokens", "answer_prefix", "methods")
 
 
+def _check_task_names(per_task: dict[str, Any], what: str) -> None:
+    """Every key of ``per_task`` names a registered task (:class:`TaskError` otherwise). Tasks outside the grid's
+    ``tasks`` are allowed, so that ``--tasks`` can run a subset of a YAML file's grid."""
+    for task in per_task:
+        try:
+            get_task(task)
+        except TaskError as error:
+            raise TaskError(f"{what}: {error}") from None
+
+
 def _as_list(value: Any, what: str) -> list[Any]:
     """A list from a list/tuple or a comma-separated string."""
     if isinstance(value, str):
@@ -176,9 +186,7 @@ class EvalConfig:
             raise KVCommError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
         if not isinstance(self.limits, dict) or any(int(n) < 1 for n in self.limits.values()):
             raise KVCommError(f"limits must map task names to positive item counts, got {self.limits!r}")
-        unknown = sorted(set(self.limits) - set(self.tasks))
-        if unknown:
-            raise TaskError(f"limits names task(s) {unknown} that are not in tasks {self.tasks}")
+        _check_task_names(self.limits, "limits")
         self._validate_task_settings()
         if self.limit is not None and self.limit < 1:
             raise KVCommError(f"limit must be >= 1, got {self.limit}")
@@ -211,9 +219,7 @@ class EvalConfig:
     def _validate_task_settings(self) -> None:
         if not isinstance(self.task_settings, dict):
             raise KVCommError(f"task_settings must map task names to settings, got {self.task_settings!r}")
-        unknown = sorted(set(self.task_settings) - set(self.tasks))
-        if unknown:
-            raise TaskError(f"task_settings names task(s) {unknown} that are not in tasks {self.tasks}")
+        _check_task_names(self.task_settings, "task_settings")
         for task, settings in self.task_settings.items():
             if not isinstance(settings, dict) or set(settings) - set(TASK_SETTING_KEYS):
                 raise KVCommError(f"task_settings.{task} may only hold {', '.join(TASK_SETTING_KEYS)}, "
