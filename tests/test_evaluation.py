@@ -284,6 +284,7 @@ def test_tables_and_plots_equal_the_saved_metrics(pair, tmp_path):
     for row in rows:
         saved = metrics[(row["task"], row["label"])]
         assert float(row["score"]) == pytest.approx(saved["score"]) and int(row["n"]) == saved["n"]
+        assert float(row["score_stderr"]) == pytest.approx(saved["score_stderr"])
         for key, value in saved["costs"].items():
             assert float(row[key]) == pytest.approx(value)
         for key, value in saved["totals"].items():
@@ -299,6 +300,7 @@ def test_tables_and_plots_equal_the_saved_metrics(pair, tmp_path):
     for (task, label), saved in metrics.items():
         cells = [c.strip() for c in lines[display_name({**saved, **_cell_info(root, task, label)})].split("|")[2:4]]
         assert f"{saved['score']:.3f}" == cells[0 if task == "demo" else 1]
+        assert f"| {saved['score']:.3f} ± {saved['score_stderr']:.3f} |" in markdown.split("## Cells")[1]
 
     cells = load_grid(root)
     console = Console(record=True, width=250)

@@ -63,5 +63,7 @@ def test_failing_item_scores_zero_and_is_counted(tmp_path):
     items = get_task("demo").load().test[:4]
     summary = run_items(Echo(fail={items[1].id}), items, tmp_path, "demo", "contains", {}, progress=False)
     assert summary["n"] == 4 and summary["errors"] == 1 and summary["score"] == 0.75
+    # per-item scores 1, 0, 1, 1: sample standard deviation 0.5, standard error 0.5 / sqrt(4)
+    assert summary["score_stderr"] == pytest.approx(0.25)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert rows[1]["error"].startswith("PromptError") and rows[1]["scores"]["contains"] == 0.0

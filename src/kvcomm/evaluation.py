@@ -370,7 +370,7 @@ def finished_summary(cell_dir: Path, expected: dict[str, Any], example_ids: Sequ
 
     Finished: ``config.json`` equals ``expected`` (its layers aside: they follow from the rest) and every id of
     ``example_ids`` is in ``predictions.jsonl``. ``metrics.json`` is returned as it is when its ``n`` matches;
-    otherwise it is rebuilt from the saved rows (e.g. after a lower ``limit``).
+    otherwise (e.g. after a lower ``limit``, or written before a summary field existed) it is rebuilt from the rows.
     """
     config_path = cell_dir / CONFIG_FILE
     if not config_path.is_file():
@@ -384,7 +384,7 @@ def finished_summary(cell_dir: Path, expected: dict[str, Any], example_ids: Sequ
     metrics_path = cell_dir / METRICS_FILE
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
-        if metrics.get("n") == len(example_ids) and metrics.get("method") == label:
+        if metrics.get("n") == len(example_ids) and metrics.get("method") == label and "score_stderr" in metrics:
             return metrics
     summary = summarize([rows[item] for item in example_ids], task, label, metric)
     metrics_path.write_text(json.dumps(summary, indent=2))

@@ -238,16 +238,25 @@ def grid_markdown(cells: Sequence[dict[str, Any]], digits: int = 3) -> str:
              "|---" * (len(COST_COLUMNS) + 1) + "|"]
     for name, values in cost_rows(cells):
         lines.append(f"| {name} | " + " | ".join(format(v, spec) for v, (*_, spec) in zip(values, COST_COLUMNS)) + " |")
-    lines += ["", "## Cells", "", "| task | method | n | errors | score | bytes sent | sender FLOPs | receiver FLOPs | "
+    lines += ["", "## Cells", "", "Score ± its standard error over items.", "",
+              "| task | method | n | errors | score | bytes sent | sender FLOPs | receiver FLOPs | "
               "sender s | receiver s | peak MiB | layers |", "|---" * 12 + "|"]
     for cell in cells:
         layers = cell.get("layers") or []
         lines.append(f"| {cell['task']} | {display_name(cell)} | {cell['n']} | {cell.get('errors', 0)} | "
-                     f"{cell['score']:.{digits}f} | {bytes_sent(cell):,.0f} | {_cost(cell, 'mean_sender_flops'):.3g} | "
-                     f"{_cost(cell, 'mean_receiver_flops'):.3g} | {_cost(cell, 'mean_sender_seconds'):.3f} | "
+                     f"{_score_with_error(cell, digits)} | {bytes_sent(cell):,.0f} | "
+                     f"{_cost(cell, 'mean_sender_flops'):.3g} | {_cost(cell, 'mean_receiver_flops'):.3g} | "
+                     f"{_cost(cell, 'mean_sender_seconds'):.3f} | "
                      f"{_cost(cell, 'mean_receiver_seconds'):.3f} | "
                      f"{_cost(cell, 'mean_peak_memory_bytes') / 2**20:.1f} | {','.join(map(str, layers))} |")
     return "\n".join(lines) + "\n"
+
+
+def _score_with_error(cell: dict[str, Any], digits: int) -> str:
+    """``0.120 ± 0.046`` (score ± standard error over items), or the score alone for summaries without one."""
+    if cell.get("score_stderr") is None:
+        return f"{cell['score']:.{digits}f}"
+    return f"{cell['score']:.{digits}f} ± {cell['score_stderr']:.{digits}f}"
 
 
 def write_grid_csv(cells: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -257,7 +266,8 @@ def write_grid_csv(cells: Sequence[dict[str, Any]], path: Path) -> Path:
     metric_keys = sorted({key for cell in cells for key in cell.get("metrics", {})})
     cost_keys = sorted({key for cell in cells for key in cell.get("costs", {})})
     total_keys = sorted({key for cell in cells for key in cell.get("totals", {})})
-    header = ["task", "method", "label", "family", "ratio", "n", "errors", "metric", "score", "mean_bytes_sent",
+    header = ["task", "method", "label", "family", "ratio", "n", "errors", "metric", "score", "score_stderr",
+              "mean_bytes_sent",
               "layers", *metric_keys, *cost_keys, *total_keys]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
@@ -267,7 +277,7 @@ def write_grid_csv(cells: Sequence[dict[str, Any]], path: Path) -> Path:
             layers = cell.get("layers")
             writer.writerow([cell["task"], display_name(cell), cell.get("label", cell["method"]), cell.get("family"),
                              "" if cell.get("ratio") is None else cell["ratio"], cell["n"], cell.get("errors", 0),
-                             cell["metric"], cell["score"], bytes_sent(cell),
+                             cell["metric"], cell["score"], cell.get("score_stderr", ""), bytes_sent(cell),
                              "" if not layers else " ".join(map(str, layers)),
                              *[cell.get("metrics", {}).get(key, "") for key in metric_keys],
                              *[cell.get("costs", {}).get(key, "") for key in cost_keys],

@@ -92,7 +92,8 @@ def predict_one(method: Method, example: Example) -> dict[str, Any]:
 
 
 def summarize(rows: Sequence[dict[str, Any]], task: str, method: str, metric: str) -> dict[str, Any]:
-    """Aggregate predictions rows into the metrics record: mean scores, ``costs`` (``mean_<field>`` of every
+    """Aggregate predictions rows into the metrics record: mean scores, ``score_stderr`` (the standard error of the
+    primary score's mean over items), ``costs`` (``mean_<field>`` of every
     :class:`CostRecord` field) and ``totals`` (``total_<field>``); a field missing from older rows counts 0."""
     n = len(rows)
 
@@ -106,10 +107,12 @@ def summarize(rows: Sequence[dict[str, Any]], task: str, method: str, metric: st
         return score_all(row["answer"], row["gold"])
 
     metrics = {name: mean([scores(row).get(name, 0.0) for row in rows]) for name in METRICS}
+    primary = [scores(row).get(metric, 0.0) for row in rows]
+    stderr = statistics.stdev(primary) / n ** 0.5 if n > 1 else 0.0  # standard error of the mean over items
     cost_keys = CostRecord().to_dict().keys()
     costs = {f"mean_{key}": mean([row["costs"].get(key, 0) for row in rows]) for key in cost_keys}
     totals = {f"total_{key}": sum(row["costs"].get(key, 0) for row in rows) for key in cost_keys}
-    return {"task": task, "method": method, "n": n, "metric": metric, "score": metrics[metric],
+    return {"task": task, "method": method, "n": n, "metric": metric, "score": metrics[metric], "score_stderr": stderr,
             "mean_kv_bytes": costs["mean_kv_bytes"], "metrics": metrics, "costs": costs, "totals": totals,
             "errors": sum(1 for row in rows if row.get("error")),
             "layers": next((row["layers"] for row in rows if row.get("layers") is not None), None)}
