@@ -118,6 +118,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     ("tasks: [demo]\ntask_settings: {demo: {methods: [kvcomm, telepathy]}}\n", KVCommError,
      "telepathy.*task_settings.demo.methods"),
     ("tasks: [demo]\ntask_settings: {demo: {answer_prefix: 3}}\n", KVCommError, "must be text"),
+    ("tasks: [demo, hotpotqa_2senders]\nmethods: [kvcomm_multi]\n", TaskError,
+     "kvcomm_multi needs a task whose items are split.*'demo'"),
 ])
 def test_bad_config_files(tmp_path, text, error, message):
     path = tmp_path / "bad.yaml"

@@ -41,7 +41,7 @@ from kvcomm.methods.multi_sender import MultiSenderKVComm
 from kvcomm.multi import calibrate_multi
 from kvcomm.online import OnlineKVComm
 from kvcomm.tasks.truncate import fit_to_window
-from kvcomm.tasks import Example, Task, TaskSplit, get_task
+from kvcomm.tasks import TASKS, Example, Task, TaskSplit, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,11 @@ class EvalConfig:
         if len(set(self.tasks)) != len(self.tasks):
             raise TaskError(f"tasks has duplicates: {self.tasks}")
         self._check_methods(self.methods, "methods")
+        for task in self.tasks:
+            if "kvcomm_multi" in self.methods_for(task) and get_task(task).senders < 2:
+                several = ", ".join(name for name, known in TASKS.items() if known.senders >= 2)
+                raise TaskError(f"kvcomm_multi needs a task whose items are split between senders ({several}); "
+                                f"{task!r} has one context per item (restrict it with task_settings.<task>.methods)")
         for ratio in self.ratios:
             if not 0 < ratio <= 1:
                 raise LayerSelectionError(f"ratio must be in (0, 1], got {ratio}")

@@ -22,13 +22,14 @@ from kvcomm.tasks.truncate import truncate_example
 @dataclass(frozen=True)
 class Task:
     """A named task: its loader, its primary metric, whether it needs ``--data-dir`` and whether long inputs are
-    truncated (the reference's ``truncate_input``)."""
+    truncated (the reference's ``truncate_input``); ``senders``: how many senders' contexts each item carries."""
 
     name: str
     metric: str
     loader: Callable[[Path | str | None], TaskSplit]
     needs_data: bool = True
     truncate: bool = False
+    senders: int = 1  # >= 2: items carry one context per sender in extra["contexts"]
 
     def load(self, data_dir: Path | str | None = None) -> TaskSplit:
         """Test and calibration items; ``data_dir`` is a folder, an upstream file or ``hf:[id]`` (kept as text)."""
@@ -49,9 +50,12 @@ TASKS: dict[str, Task] = {
     "twowikimqa": Task("twowikimqa", "f1_match", longform.load_twowikimqa, truncate=True),
     "tmath": Task("tmath", "rouge_l_recall", tmath.load_tmath, truncate=True),
     # items whose supporting facts / passages are split in halves for two senders (extra["contexts"], spec §7.4)
-    "hotpotqa_2senders": Task("hotpotqa_2senders", "f1_match", multi.load_hotpotqa_two_senders, truncate=True),
-    "musique_2senders": Task("musique_2senders", "f1_match", multi.load_musique_two_senders, truncate=True),
-    "twowikimqa_2senders": Task("twowikimqa_2senders", "f1_match", multi.load_twowikimqa_two_senders, truncate=True),
+    "hotpotqa_2senders": Task("hotpotqa_2senders", "f1_match", multi.load_hotpotqa_two_senders, truncate=True,
+                             senders=2),
+    "musique_2senders": Task("musique_2senders", "f1_match", multi.load_musique_two_senders, truncate=True,
+                             senders=2),
+    "twowikimqa_2senders": Task("twowikimqa_2senders", "f1_match", multi.load_twowikimqa_two_senders, truncate=True,
+                             senders=2),
 }
 
 
