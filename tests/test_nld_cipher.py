@@ -11,6 +11,7 @@ from kvcomm.methods import CIPHER, NLD
 from kvcomm.methods.cipher import EmbeddingMessage, embedding_message, nearest_tokens
 from kvcomm.methods.debate import refine_message, sender_message
 from kvcomm.methods.nld import TextMessage
+from kvcomm.runner import predict_one
 from kvcomm.prompts import MATH_INSTRUCTION, SENDER_AWARE_MATH_INSTRUCTION, SENDER_AWARE_QA_INSTRUCTION, chat_ids
 from kvcomm.tasks.base import Example
 from tests.conftest import tiny_llama
@@ -188,3 +189,14 @@ def test_full_messages_always_have_the_message_length(tiny):
 
     assert len(NLD(tiny, tiny, message_tokens=7, full_messages=True).send(FACTS_EXAMPLE).tokens) == 7
     assert len(CIPHER(tiny, tiny, message_tokens=7, full_messages=True).send(FACTS_EXAMPLE)) == 7
+
+
+def test_answers_record_the_messages_that_were_exchanged(tiny):
+    """NLD's row keeps the sender's text and the draft verbatim; CIPHER's (T → 0) decodes to the same tokens."""
+    nld = NLD(tiny, tiny, message_tokens=STEPS)
+    sent, draft = nld.send(EXAMPLE), nld.draft(EXAMPLE)
+    nld_output = nld.answer(EXAMPLE)
+    assert nld_output.messages == {"sender": sent.text, "draft": draft.text}
+    cipher_output = CIPHER(tiny, tiny, message_tokens=STEPS, temperature=1e-4).answer(EXAMPLE)
+    assert cipher_output.messages == nld_output.messages
+    assert predict_one(nld, EXAMPLE)["messages"] == nld_output.messages  # the predictions row carries them

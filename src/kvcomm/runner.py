@@ -88,6 +88,8 @@ def predict_one(method: Method, example: Example) -> dict[str, Any]:
     row.update(answer=output.answer, scores=score_all(output.answer, example.answers),
                costs=output.costs.to_dict(), layers=list(output.layers) if output.layers is not None else None,
                error=None)
+    if output.messages is not None:
+        row["messages"] = output.messages
     return row
 
 

@@ -23,6 +23,8 @@ class MethodOutput:
     answer: str
     costs: CostRecord
     layers: tuple[int, ...] | None = None
+    # text methods: what was said before the answer ({"sender": ..., "draft": ...}; CIPHER: nearest tokens, decoded)
+    messages: dict[str, str] | None = None
 
 
 class Method(Protocol):

@@ -202,7 +202,9 @@ class CIPHER:
             receiver_flops=own.flops + answer_flops(self.receiver, int(embeds.shape[1]), len(tokens), budget,
                                                     self.settings),
         )
-        return MethodOutput(answer=decode(self.receiver, tokens), costs=costs)
+        messages = {"sender": decode(self.receiver, nearest_tokens(self.receiver, others.vectors)),
+                    "draft": decode(self.receiver, nearest_tokens(self.receiver, own.vectors))}
+        return MethodOutput(answer=decode(self.receiver, tokens), costs=costs, messages=messages)
 
     def answer(self, example: Example) -> MethodOutput:
         others = self.send(example)

@@ -110,7 +110,8 @@ class NLD:
             receiver_flops=own.flops + answer_flops(self.receiver, int(input_ids.shape[-1]), len(tokens), budget,
                                                     self.settings),
         )
-        return MethodOutput(answer=decode(self.receiver, tokens), costs=costs)
+        return MethodOutput(answer=decode(self.receiver, tokens), costs=costs,
+                            messages={"sender": others.text, "draft": own.text})
 
     def answer(self, example: Example) -> MethodOutput:
         others = self.send(example)
