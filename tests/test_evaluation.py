@@ -295,13 +295,17 @@ def test_tables_and_plots_equal_the_saved_metrics(pair, tmp_path):
                                                "NLD"}
 
     markdown = (root / "results.md").read_text()
-    score_section = markdown.split("## Score")[1].split("## Cost")[0]
+    score_section = markdown.split("## Score")[1].split("## Continuous token F1")[0]
     lines = {line.split("|")[1].strip(): line for line in score_section.splitlines() if line.startswith("| ")}
+    f1_section = markdown.split("## Continuous token F1")[1].split("## Cost")[0]
+    f1_lines = {line.split("|")[1].strip(): line for line in f1_section.splitlines() if line.startswith("| ")}
     header = next(line for line in markdown.splitlines() if line.startswith("| method | demo"))
     assert header.index("demo") < header.index("countries")  # the configured task order
     for (task, label), saved in metrics.items():
         cells = [c.strip() for c in lines[display_name({**saved, **_cell_info(root, task, label)})].split("|")[2:4]]
         assert f"{saved['score']:.3f}" == cells[0 if task == "demo" else 1]
+        f1_cells = [c.strip() for c in f1_lines[display_name({**saved, **_cell_info(root, task, label)})].split("|")[2:4]]
+        assert f"{saved['metrics']['token_f1']:.3f}" == f1_cells[0 if task == "demo" else 1]
         assert f"| {saved['score']:.3f} ± {saved['score_stderr']:.3f} |" in markdown.split("## Cells")[1]
 
     cells = load_grid(root)

@@ -229,10 +229,15 @@ def grid_cost_table(cells: Sequence[dict[str, Any]], title: str = "") -> Table:
 def grid_markdown(cells: Sequence[dict[str, Any]], digits: int = 3) -> str:
     """``results.md``: score table (paper layout), cost table, and one line per cell with all its numbers."""
     columns: dict[str, list[dict[str, Any]]] = {}
+    token_f1: dict[str, list[dict[str, Any]]] = {}
     for task in _tasks(cells):
-        columns[f"{task} ({next(c['metric'] for c in cells if c['task'] == task)})"] = [
-            {**cell, "method": display_name(cell)} for cell in sorted(cells, key=row_key) if cell["task"] == task]
+        in_order = [{**cell, "method": display_name(cell)}
+                    for cell in sorted(cells, key=row_key) if cell["task"] == task]
+        columns[f"{task} ({next(c['metric'] for c in cells if c['task'] == task)})"] = in_order
+        token_f1[task] = [{**cell, "score": cell.get("metrics", {}).get("token_f1", 0.0)} for cell in in_order]
     lines = ["# Results", "", "## Score (methods × tasks)", "", paper_layout_table(columns, digits),
+             "## Continuous token F1 (SQuAD/LongBench normalisation; secondary)", "",
+             paper_layout_table(token_f1, digits),
              "## Cost per item (mean over items, averaged over tasks)", "",
              "| method | " + " | ".join(header for header, *_ in COST_COLUMNS) + " |",
              "|---" * (len(COST_COLUMNS) + 1) + "|"]
