@@ -23,7 +23,7 @@ from kvcomm.costs import CostRecord, peak_memory
 from kvcomm.errors import KVCommError, LayerSelectionError, TaskError
 from kvcomm.evaluation import EvalConfig, cell_config, plan_cells, prepare_task, run_grid
 from kvcomm.generation import GenerationSettings
-from kvcomm.report import display_name, grid_cost_table, grid_score_table, load_grid, write_grid_report
+from kvcomm.report import _byte_label, display_name, grid_cost_table, grid_score_table, load_grid, write_grid_report
 from tests.conftest import shared_data_dir, tiny_llama
 
 SHORT = {"max_new_tokens": 3}
@@ -327,6 +327,11 @@ def test_tables_and_plots_equal_the_saved_metrics(pair, tmp_path):
     written = write_grid_report(root)
     assert set(written) == {"markdown", "csv", "score_vs_ratio", "score_vs_bytes", "layer_heatmap"}
     assert (root / "results.md").read_text() == markdown
+
+
+def test_byte_axis_labels_use_decimal_units():
+    assert [_byte_label(v, 0) for v in (64, 1_152, 430_000, 1_500_000, 7e9)] == ["64 B", "1.152 kB", "430 kB",
+                                                                                  "1.5 MB", "7 GB"]
 
 
 def _cell_info(root: Path, task: str, label: str) -> dict:

@@ -348,10 +348,20 @@ def plot_score_vs_ratio(cells: Sequence[dict[str, Any]], path: Path) -> Path | N
     return _save(plt, figure, path)
 
 
+def _byte_label(value: float, _position: int) -> str:
+    """``1.5 MB``, ``430 kB``, ``64 B`` (decimal units) for a log axis of bytes."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:g} {unit}"
+    return f"{value:g} B"
+
+
 def plot_score_vs_bytes(cells: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Score against mean bytes sent per item (log x) per task; methods that send nothing (Baseline, Skyline) are
+    """Score against mean bytes sent per item per task (log x when the bytes span two decades or more); methods that send nothing (Baseline, Skyline) are
     horizontal lines."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
     tasks = _tasks(cells)
     figure, axes = _task_axes(plt, len(tasks))
     for axis, task in zip(axes, tasks):
@@ -366,7 +376,13 @@ def plot_score_vs_bytes(cells: Sequence[dict[str, Any]], path: Path) -> Path:
                 axis.axhline(cell["score"], linestyle="--", linewidth=1, color="tab:gray" if cell["family"] ==
                              "baseline" else "black", label=f"{display_name(cell)} (0 B)")
         if senders:
-            axis.set_xscale("log")
+            sent = [bytes_sent(cell) for cell in senders]
+            if max(sent) >= 100 * min(sent):  # KV next to text or one vector: a log axis
+                axis.set_xscale("log")
+                axis.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap within one decade
+            else:  # KV cells only: a linear axis with a few ticks
+                axis.xaxis.set_major_locator(MaxNLocator(4))
+            axis.xaxis.set_major_formatter(FuncFormatter(_byte_label))
         axis.set_title(task)
         axis.set_xlabel("bytes sent per item")
         axis.set_ylabel(mine[0]["metric"])
