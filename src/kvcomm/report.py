@@ -233,7 +233,7 @@ def grid_markdown(cells: Sequence[dict[str, Any]], digits: int = 3) -> str:
     for task in _tasks(cells):
         in_order = [{**cell, "method": display_name(cell)}
                     for cell in sorted(cells, key=row_key) if cell["task"] == task]
-        columns[f"{task} ({next(c['metric'] for c in cells if c['task'] == task)})"] = in_order
+        columns[f"{task} ({in_order[0]['metric']})"] = in_order
         token_f1[task] = [{**cell, "score": cell.get("metrics", {}).get("token_f1", 0.0)} for cell in in_order]
     lines = ["# Results", "", "## Score (methods × tasks)", "", paper_layout_table(columns, digits),
              "## Continuous token F1 (SQuAD/LongBench normalisation; secondary)", "",
@@ -349,7 +349,7 @@ def plot_score_vs_ratio(cells: Sequence[dict[str, Any]], path: Path) -> Path | N
 
 
 def _byte_label(value: float, _position: int) -> str:
-    """``1.5 MB``, ``430 kB``, ``64 B`` (decimal units) for a log axis of bytes."""
+    """``1.5 MB``, ``430 kB``, ``64 B`` (decimal units): tick labels of a bytes axis."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if value >= size:
             return f"{value / size:g} {unit}"
@@ -357,8 +357,8 @@ def _byte_label(value: float, _position: int) -> str:
 
 
 def plot_score_vs_bytes(cells: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Score against mean bytes sent per item per task (log x when the bytes span two decades or more); methods that send nothing (Baseline, Skyline) are
-    horizontal lines."""
+    """Score against mean bytes sent per item per task (log x when the bytes span two decades or more); methods that
+    send nothing (Baseline, Skyline) are horizontal lines."""
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 

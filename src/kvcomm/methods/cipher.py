@@ -48,10 +48,18 @@ def nearest_tokens(model: LoadedModel, vectors: torch.Tensor) -> list[int]:
     return scores.argmax(-1).tolist()
 
 
-@torch.no_grad()
 def embedding_message(model: LoadedModel, input_ids: torch.Tensor, max_steps: int, temperature: float,
                       ignore_eos: bool = False) -> torch.Tensor:
-    """CIPHER message of ``model`` after the prompt ``input_ids`` ``[1, n]``: ``[m, hidden]``, ``m <= max_steps``.
+    """CIPHER message of ``model`` after the prompt ``input_ids`` ``[1, n]``: ``[m, hidden]``, ``m <= max_steps``
+    (:func:`embedding_message_tokens` without the nearest ids)."""
+    return embedding_message_tokens(model, input_ids, max_steps, temperature, ignore_eos)[0]
+
+
+@torch.no_grad()
+def embedding_message_tokens(model: LoadedModel, input_ids: torch.Tensor, max_steps: int, temperature: float,
+                             ignore_eos: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """CIPHER message of ``model`` after the prompt ``input_ids`` ``[1, n]``: the vectors ``[m, hidden]``,
+    ``m <= max_steps``, and the ``m`` ids of their cosine-nearest vocabulary embeddings.
 
     Each step: ``p = softmax(logits / temperature)`` ``[vocab]`` of the last position, message vector ``p @ E``
     ``[hidden]`` (model dtype); stop (that vector dropped) when its cosine-nearest vocabulary embedding is an EOS
@@ -70,6 +78,7 @@ def embedding_message(model: LoadedModel, input_ids: torch.Tensor, max_steps: in
                                                                               device=ids.device),
                          use_cache=True, logits_to_keep=1)
     vectors: list[torch.Tensor] = []
+    nearest_ids: list[int] = []
     for step in range(max_steps):
         probs = torch.softmax(output.logits[0, -1].float() / temperature, dim=-1)  # [vocab]
         vector = probs.to(weight.dtype) @ weight  # [hidden]
@@ -77,25 +86,28 @@ def embedding_message(model: LoadedModel, input_ids: torch.Tensor, max_steps: in
         if nearest in stop and not ignore_eos:
             break
         vectors.append(vector)
+        nearest_ids.append(nearest)
         if step + 1 == max_steps:
             break
         length += 1
         output = model.model(inputs_embeds=vector.view(1, 1, -1), cache=output.cache, use_cache=True,
                              attention_mask=torch.ones(1, length, dtype=torch.long, device=ids.device))
     if not vectors:
-        return weight.new_zeros(0, weight.shape[-1])
-    return torch.stack(vectors)
+        return weight.new_zeros(0, weight.shape[-1]), []
+    return torch.stack(vectors), nearest_ids
 
 
 @dataclass
 class EmbeddingMessage:
     """A phase-1 CIPHER message: ``vectors`` ``[m, hidden]`` at the model dtype, the prompt length it was generated
-    from, the seconds and the analytic FLOPs it took."""
+    from, the seconds and the analytic FLOPs it took, and the ids of the vectors' nearest vocabulary embeddings in
+    the model that produced them (for the record; the receiver reads the vectors)."""
 
     vectors: torch.Tensor
     prompt_tokens: int
     seconds: float
     flops: int = 0
+    nearest_ids: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
@@ -144,13 +156,15 @@ class CIPHER:
         input_ids = chat_ids(self.receiver.tokenizer, message)
         check_window(model, input_ids.shape[-1] + self.message_tokens, f"the phase-1 prompt of {model.name}")
         with stopwatch(model.device) as elapsed:
-            vectors = embedding_message(model, input_ids, self.message_tokens, self.temperature, self.full_messages)
+            vectors, nearest_ids = embedding_message_tokens(model, input_ids, self.message_tokens, self.temperature,
+                                                            self.full_messages)
         prompt_tokens, produced = int(input_ids.shape[-1]), int(vectors.shape[0])
         flops = answer_flops(model, prompt_tokens, produced, self.message_tokens, GREEDY)
         # every step also mixes the embedding matrix (p @ E) and finds the nearest row (E @ v): 2·2·V·d
         steps = min(produced + 1, self.message_tokens)
         flops += 4 * model_dims(model).lm_head_params * steps
-        return EmbeddingMessage(vectors=vectors, prompt_tokens=prompt_tokens, seconds=elapsed[0], flops=flops)
+        return EmbeddingMessage(vectors=vectors, prompt_tokens=prompt_tokens, seconds=elapsed[0], flops=flops,
+                                nearest_ids=nearest_ids)
 
     def send(self, example: Example) -> EmbeddingMessage:
         """Phase 1, sender side."""
@@ -202,8 +216,8 @@ class CIPHER:
             receiver_flops=own.flops + answer_flops(self.receiver, int(embeds.shape[1]), len(tokens), budget,
                                                     self.settings),
         )
-        messages = {"sender": decode(self.receiver, nearest_tokens(self.receiver, others.vectors)),
-                    "draft": decode(self.receiver, nearest_tokens(self.receiver, own.vectors))}
+        messages = {"sender": decode(self.receiver, others.nearest_ids),
+                    "draft": decode(self.receiver, own.nearest_ids)}
         return MethodOutput(answer=decode(self.receiver, tokens), costs=costs, messages=messages)
 
     def answer(self, example: Example) -> MethodOutput:
